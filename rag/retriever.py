@@ -1,0 +1,219 @@
+"""Retrievers: dense (FAISS), BM25 (bm25s) and hybrid (reciprocal-rank fusion).
+
+All return `Hit`s with higher-is-better scores and 1-based ranks. ``filter`` restricts results
+to passages whose metadata (or id/title) equals every given value.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, Literal, Protocol, runtime_checkable
+
+import numpy as np
+
+from rag.embedding import Embedder, passage_text
+from rag.errors import ConfigError, missing_extra
+from rag.index import (
+    INDEX_FILE,
+    STORE_FILE,
+    FaissIndex,
+    Manifest,
+    check_embedder,
+    embedder_from_manifest,
+    read_manifest,
+)
+from rag.store import PassageStore
+from rag.types import Hit
+
+log = logging.getLogger(__name__)
+
+Filter = dict[str, Any]
+Mode = Literal["dense", "bm25", "hybrid"]
+
+
+@runtime_checkable
+class Retriever(Protocol):
+    def search(self, query: str, top_k: int = 10, *, filter: Filter | None = None) -> list[Hit]: ...
+
+    def search_batch(self, queries: Sequence[str], top_k: int = 10, *,
+                     filter: Filter | None = None) -> list[list[Hit]]: ...
+
+
+class _Base:
+    store: PassageStore
+
+    def search(self, query: str, top_k: int = 10, *, filter: Filter | None = None) -> list[Hit]:
+        return self.search_batch([query], top_k, filter=filter)[0]
+
+    def search_batch(self, queries: Sequence[str], top_k: int = 10, *,
+                     filter: Filter | None = None) -> list[list[Hit]]:
+        raise NotImplementedError
+
+    def _hits(self, rows: Sequence[int], scores: Sequence[float]) -> list[Hit]:
+        keep = [(int(r), float(s)) for r, s in zip(rows, scores, strict=True) if r >= 0]
+        passages = self.store.get_rows([r for r, _ in keep])
+        return [Hit(passage=p, score=s, rank=i + 1)
+                for i, (p, (_, s)) in enumerate(zip(passages, keep, strict=True))]
+
+
+def _check_top_k(top_k: int) -> None:
+    if top_k < 1:
+        raise ConfigError(f"top_k must be >= 1, got {top_k}")
+
+
+class DenseRetriever(_Base):
+    """Embed queries, search the FAISS index, fetch passages from the store.
+
+    Args:
+        folder: an index folder made by `build_index`.
+        embedder: defaults to the one named in the manifest; another one is refused.
+        device: ``auto`` (GPU when faiss-gpu sees one), ``cpu`` or ``gpu``.
+        nprobe, ef_search: default IVF / HNSW search breadth (overridable per call).
+        mmap: memory-map the index file instead of reading it (large indexes).
+    """
+
+    def __init__(self, folder: str | Path, *, embedder: Embedder | None = None,
+                 device: str = "auto", nprobe: int | None = None, ef_search: int | None = None,
+                 mmap: bool = False):
+        self.folder = Path(folder)
+        self.manifest: Manifest = read_manifest(self.folder)
+        self.embedder = embedder or embedder_from_manifest(self.manifest)
+        check_embedder(self.manifest, self.embedder, self.folder)
+        self.store = PassageStore(self.folder / STORE_FILE, readonly=True)
+        self.index = FaissIndex.load(self.folder / INDEX_FILE, metric=self.manifest.metric,
+                                     device=device, mmap=mmap)
+        self.nprobe, self.ef_search = nprobe, ef_search
+
+    def search_vectors(self, vectors: np.ndarray, top_k: int = 10, *,
+                       filter: Filter | None = None, nprobe: int | None = None,
+                       ef_search: int | None = None) -> list[list[Hit]]:
+        _check_top_k(top_k)
+        rows = self.store.rows_matching(filter) if filter else None
+        if rows is not None and not rows:
+            return [[] for _ in range(len(vectors))]
+        scores, ids = self.index.search(vectors, top_k, nprobe=nprobe or self.nprobe,
+                                        ef_search=ef_search or self.ef_search, rows=rows)
+        if self.manifest.metric == "l2":
+            scores = -scores  # distances -> higher is better
+        return [self._hits(i, s) for i, s in zip(ids, scores, strict=True)]
+
+    def search_batch(self, queries: Sequence[str], top_k: int = 10, *,
+                     filter: Filter | None = None, nprobe: int | None = None,
+                     ef_search: int | None = None) -> list[list[Hit]]:
+        return self.search_vectors(self.embedder.encode_queries(list(queries)), top_k,
+                                   filter=filter, nprobe=nprobe, ef_search=ef_search)
+
+
+class BM25Retriever(_Base):
+    """Lexical BM25 (bm25s, Lucene variant, English stopwords) over an index folder's passages.
+
+    The BM25 index is built from the passage store on first use and saved in ``bm25/`` inside
+    the folder (invalidated when the passage count changes, e.g. after ``rag index add``).
+    """
+
+    def __init__(self, folder: str | Path, *, k1: float = 1.5, b: float = 0.75,
+                 stopwords: str | None = "en"):
+        try:
+            import bm25s
+        except ImportError:
+            raise missing_extra("bm25s", "cpu") from None
+        self._bm25s = bm25s
+        logging.getLogger("bm25s").setLevel(logging.WARNING)
+        self.folder = Path(folder)
+        self.manifest = read_manifest(self.folder)
+        self.store = PassageStore(self.folder / STORE_FILE, readonly=True)
+        self.stopwords = stopwords
+        self.model = self._load_or_build(k1, b)
+
+    def _load_or_build(self, k1: float, b: float) -> Any:
+        bm25s, cache = self._bm25s, self.folder / "bm25"
+        stamp = f"{self.manifest.passages}:{k1}:{b}:{self.stopwords}"
+        if (cache / "stamp").exists() and (cache / "stamp").read_text() == stamp:
+            return bm25s.BM25.load(str(cache), show_progress=False, verbosity=0)
+        log.info("building the BM25 index of %s (%d passages)", self.folder, len(self.store))
+        tokens = bm25s.tokenize([passage_text(p.title, p.text) for p in self.store.iter_passages()],
+                                stopwords=self.stopwords, show_progress=False)
+        model = bm25s.BM25(k1=k1, b=b)
+        model.index(tokens, show_progress=False)
+        tmp = self.folder / "bm25.tmp"
+        shutil.rmtree(tmp, ignore_errors=True)
+        try:
+            model.save(str(tmp), show_progress=False)
+            (tmp / "stamp").write_text(stamp)
+            shutil.rmtree(cache, ignore_errors=True)
+            os.rename(tmp, cache)
+        except OSError as e:  # a read-only index folder still serves, just without the cache
+            log.warning("could not cache the BM25 index in %s: %s", cache, e)
+        return model
+
+    def search_batch(self, queries: Sequence[str], top_k: int = 10, *,
+                     filter: Filter | None = None) -> list[list[Hit]]:
+        _check_top_k(top_k)
+        n = len(self.store)
+        mask = None
+        if filter:
+            rows = self.store.rows_matching(filter)
+            mask = np.zeros(n, dtype=np.float32)
+            mask[rows] = 1.0
+        k = min(top_k, n)
+        out: list[list[Hit]] = []
+        for q in queries:  # one at a time: bm25s fails on queries with no known token
+            toks = self._bm25s.tokenize([q], stopwords=self.stopwords, return_ids=False,
+                                        show_progress=False)
+            if not toks or not any(t in self.model.vocab_dict for t in toks[0]):
+                out.append([])
+                continue
+            ids, scores = self.model.retrieve([[t for t in toks[0] if t in self.model.vocab_dict]],
+                                              k=k, show_progress=False, weight_mask=mask,
+                                              n_threads=1)
+            keep = [(int(i), float(s)) for i, s in zip(ids[0], scores[0], strict=True) if s > 0]
+            out.append(self._hits([i for i, _ in keep], [s for _, s in keep]))
+        return out
+
+
+class HybridRetriever(_Base):
+    """Reciprocal-rank fusion of dense and BM25: score = sum 1 / (rrf_k + rank).
+
+    Each side contributes its top ``candidates`` (default max(100, top_k)).
+    """
+
+    def __init__(self, dense: DenseRetriever, bm25: BM25Retriever, *, rrf_k: int = 60,
+                 candidates: int = 100):
+        self.dense, self.bm25, self.rrf_k, self.candidates = dense, bm25, rrf_k, candidates
+        self.store = dense.store
+
+    def search_batch(self, queries: Sequence[str], top_k: int = 10, *,
+                     filter: Filter | None = None) -> list[list[Hit]]:
+        _check_top_k(top_k)
+        n = max(self.candidates, top_k)
+        dense = self.dense.search_batch(queries, n, filter=filter)
+        sparse = self.bm25.search_batch(queries, n, filter=filter)
+        out = []
+        for d_hits, s_hits in zip(dense, sparse, strict=True):
+            fused: dict[str, float] = {}
+            passages = {}
+            for hits in (d_hits, s_hits):
+                for h in hits:
+                    fused[h.passage.id] = fused.get(h.passage.id, 0.0) + 1.0 / (self.rrf_k + h.rank)
+                    passages[h.passage.id] = h.passage
+            best = sorted(fused.items(), key=lambda kv: (-kv[1], kv[0]))[:top_k]
+            out.append([Hit(passage=passages[pid], score=s, rank=i + 1)
+                        for i, (pid, s) in enumerate(best)])
+        return out
+
+
+def load_retriever(folder: str | Path, mode: Mode = "dense", *, device: str = "auto",
+                   embedder: Embedder | None = None, **kwargs: Any) -> Retriever:
+    """A retriever over an index folder: ``dense``, ``bm25`` or ``hybrid``."""
+    if mode == "dense":
+        return DenseRetriever(folder, embedder=embedder, device=device, **kwargs)
+    if mode == "bm25":
+        return BM25Retriever(folder)
+    if mode == "hybrid":
+        return HybridRetriever(DenseRetriever(folder, embedder=embedder, device=device, **kwargs),
+                               BM25Retriever(folder))
+    raise ConfigError(f"unknown retrieval mode {mode!r}; use dense, bm25 or hybrid")
