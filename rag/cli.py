@@ -24,6 +24,9 @@ DEMO_RECIPE = Path("indexes/pydoc.yaml")
 DEMO_QUERIES = ["how do I catch an exception and clean up afterwards",
                 "what does the with statement do",
                 "operator precedence of not and or"]
+DEMO_PIPELINE = Path("pipelines/default.yaml")
+DEMO_QUESTIONS = ["What does the with statement do?",
+                  "Which clause of a try statement runs whether or not an exception occurred?"]
 
 Quiet = Annotated[bool, typer.Option("--quiet", "-q", help="no progress bars")]
 
@@ -146,12 +149,103 @@ def search(
         typer.echo("    " + h.passage.text[:300].replace("\n", " "))
 
 
+def _pipeline(pipeline: Path, index: Path | None) -> Any:
+    from rag.config import load_pipeline_config
+    from rag.pipeline import build_pipeline
+
+    return build_pipeline(load_pipeline_config(pipeline), index=index)
+
+
+PipelineOpt = Annotated[Path, typer.Option("--pipeline", "-p", help="pipeline YAML (pipelines/*.yaml)")]
+IndexOpt = Annotated[Optional[Path], typer.Option("--index", help="index folder (overrides the pipeline's)")]
+
+
+@app.command()
+def ask(
+    question: str,
+    pipeline: PipelineOpt = Path("pipelines/default.yaml"),
+    index: IndexOpt = None,
+    as_json: Annotated[bool, typer.Option("--json", help="print JSON")] = False,
+    trace: Annotated[bool, typer.Option(help="include the prompt and timings in --json")] = False,
+) -> None:
+    """Answer one question with a pipeline; prints the answer and its citations."""
+    answer = _pipeline(pipeline, index).ask(question)
+    if as_json:
+        _echo_json(answer.to_json(include_trace=trace))
+        return
+    typer.echo(answer.text)
+    for i, c in enumerate(answer.citations, 1):
+        typer.echo(f"  [{i}] {c.title} ({c.id}) score={c.score:.4f}")
+
+
+@app.command()
+def chat(
+    pipeline: PipelineOpt = Path("pipelines/default.yaml"),
+    index: IndexOpt = None,
+) -> None:
+    """Interactive multi-turn chat with streaming. /sources shows the last turn's passages,
+    /reset clears the history, /quit (or Ctrl-D) leaves."""
+    from rag.types import ChatMessage
+
+    pipe = _pipeline(pipeline, index)
+    history: list[ChatMessage] = []
+    last_hits: list[Any] = []
+    typer.echo("rag chat - /sources, /reset, /quit", err=True)
+    while True:
+        try:
+            line = input("you> ").strip()
+        except EOFError:
+            typer.echo("", err=True)
+            return
+        if not line:
+            continue
+        if line in ("/quit", "/exit"):
+            return
+        if line == "/reset":
+            history, last_hits = [], []
+            continue
+        if line == "/sources":
+            for h in last_hits:
+                typer.echo(f"  [{h.rank}] {h.passage.title} ({h.passage.id}) {h.score:.4f}: "
+                           f"{h.passage.text[:160]}")
+            if not last_hits:
+                typer.echo("  (no passages yet)")
+            continue
+        history.append(ChatMessage(role="user", content=line))
+        if hasattr(pipe, "stream"):
+            last_hits, pieces = pipe.stream(history)
+            typer.echo("rag> ", nl=False)
+            text = ""
+            for piece in pieces:
+                text += piece
+                typer.echo(piece, nl=False)
+            typer.echo("")
+        else:
+            answer = pipe.chat(history)
+            last_hits, text = answer.hits, answer.text
+            typer.echo(f"rag> {text}")
+        history.append(ChatMessage(role="assistant", content=text))
+
+
+models_app = typer.Typer(no_args_is_help=True, help="Packaged and local generator models.")
+app.add_typer(models_app, name="models")
+
+
+@models_app.command("prepare")
+def models_prepare(name: str = "smollm2-135m-instruct") -> None:
+    """Convert a packaged model to a Hugging Face folder in the cache (once)."""
+    from rag.models import prepare_packaged_model
+
+    typer.echo(str(prepare_packaged_model(name)))
+
+
 @app.command()
 def demo(quiet: Quiet = False) -> None:
-    """The main job on embedded defaults: index the Python docs topics, then search them."""
+    """The main job on embedded defaults: index the Python docs topics, search, answer."""
     from rag.config import IndexRecipe, load_recipe
     from rag.index import build_index
     from rag.retriever import load_retriever
+    from rag.types import ChatMessage
 
     recipe = load_recipe(DEMO_RECIPE) if DEMO_RECIPE.exists() else IndexRecipe(
         name="pydoc", corpus="pydoc_data.topics")
@@ -163,6 +257,14 @@ def demo(quiet: Quiet = False) -> None:
         for h in hits:
             typer.echo(f"  {h.rank}. {h.passage.title} ({h.passage.id}) "
                        f"{h.passage.text[:90].replace(chr(10), ' ')}...")
+    if not DEMO_PIPELINE.exists():
+        return
+    typer.echo(f"\nanswers ({DEMO_PIPELINE}):")
+    pipe = _pipeline(DEMO_PIPELINE, recipe.out_dir())
+    for question, answer in zip(DEMO_QUESTIONS, pipe.chat_batch(
+            [[ChatMessage(role="user", content=q)] for q in DEMO_QUESTIONS]), strict=True):
+        typer.echo(f"\nQ: {question}\nA: {answer.text}")
+        typer.echo("   sources: " + ", ".join(c.id for c in answer.citations))
 
 
 def main(argv: list[str] | None = None) -> int:

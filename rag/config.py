@@ -6,9 +6,10 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from rag.errors import ConfigError
+from rag.types import GenerationParams
 
 Metric = Literal["ip", "l2"]
 
@@ -75,5 +76,60 @@ def load_recipe(path: str | Path) -> IndexRecipe:
     data = load_yaml(path)
     try:
         return IndexRecipe(**data)
+    except ValidationError as e:
+        raise ConfigError(validation_message(path, e)) from None
+
+
+class RetrievalConfig(_Config):
+    mode: Literal["dense", "bm25", "hybrid"] = "dense"
+    top_k: int = Field(10, ge=1, le=1000, description="passages retrieved per query")
+    context_chars: int = Field(2048, ge=1, description="character budget of the context string")
+    device: Literal["auto", "cpu", "gpu"] = "auto"
+
+
+class GeneratorConfig(_Config):
+    backend: Literal["hf", "vllm", "scripted"] = "hf"
+    model: str = "smollm2-135m-instruct"
+    dtype: str = "auto"
+    batch_size: int = Field(16, ge=1, description="hf: prompts per forward pass")
+    max_model_len: int | None = Field(4096, ge=64, description="vllm: context cap")
+    gpu_memory_utilization: float = Field(0.85, gt=0, le=1)
+
+
+class PromptConfig(_Config):
+    format: Literal["sciphi", "selfrag", "mistral_inst", "chatml", "hf_template"] = "hf_template"
+    system_prompt: str | None = Field(None, description="sciphi: replaces ALPACA_CHAT_SYSTEM_PROMPT")
+    context_template: str | None = Field(None, description="how context follows the prompt")
+
+
+class PipelineConfig(_Config):
+    """A pipeline YAML (pipelines/*.yaml). ``extra="forbid"``: unknown keys are errors."""
+
+    name: str
+    kind: Literal["chat", "selfrag"] = "chat"
+    index: str | None = Field(None, description="default index folder (--index overrides)")
+    retrieval: RetrievalConfig = RetrievalConfig()
+    generator: GeneratorConfig = GeneratorConfig()
+    prompt: PromptConfig = PromptConfig()
+    generation: GenerationParams = GenerationParams()
+    query_rewrite: bool = Field(False, description="ask the model for a search query first")
+    selfrag: dict[str, Any] | None = Field(None, description="Self-RAG decoder settings")
+    expected: dict[str, Any] | None = Field(None, description="expected eval scores (rag eval --check)")
+
+    @model_validator(mode="after")
+    def _sciphi_stop_token(self) -> PipelineConfig:
+        # SciPhi's get_chat_completion refuses to run unless generation stops at <paragraph>
+        # (the model asking for more evidence); check it before anything loads.
+        if self.kind == "chat" and self.prompt.format == "sciphi" and "<paragraph>" not in self.generation.stop:
+            raise ValueError("generation.stop must include '<paragraph>' for the sciphi format "
+                             "(the model stops when it asks for more evidence)")
+        return self
+
+
+def load_pipeline_config(path: str | Path) -> PipelineConfig:
+    """Read a pipeline YAML; errors name the file and the field."""
+    data = load_yaml(path)
+    try:
+        return PipelineConfig(**data)
     except ValidationError as e:
         raise ConfigError(validation_message(path, e)) from None

@@ -39,3 +39,84 @@ Role = Literal["system", "user", "assistant"]
 class ChatMessage(_Frozen):
     role: str
     content: str
+
+
+class GenerationParams(_Frozen):
+    """Decoding settings shared by every backend."""
+
+    max_new_tokens: int = Field(256, ge=1, le=32768, description="tokens to generate at most")
+    temperature: float = Field(0.0, ge=0.0, le=5.0, description="0 = greedy")
+    top_p: float = Field(1.0, gt=0.0, le=1.0)
+    seed: int | None = None
+    stop: list[str] = Field(default_factory=list, description="stop strings (not in the text)")
+    stop_token_ids: list[int] = Field(default_factory=list, description="extra stop tokens")
+    logprob_token_ids: list[int] = Field(
+        default_factory=list, max_length=128,
+        description="token ids whose exact logprob is returned at every generated position")
+    top_logprobs: int = Field(0, ge=0, le=20, description="also return the top-k logprobs")
+
+
+class Generation(_Frozen):
+    """One completion in backend-neutral form (special tokens kept in ``text``).
+
+    ``logprobs[i]`` maps each requested token id to its log-probability at generated position
+    ``i`` (from the raw next-token distribution); ``token_logprobs[i]`` is the log-probability of
+    the token actually generated there.
+    """
+
+    text: str
+    token_ids: list[int]
+    token_logprobs: list[float]
+    logprobs: list[dict[int, float]] = Field(default_factory=list)
+    top_logprobs: list[dict[int, float]] = Field(default_factory=list)
+    finish_reason: Literal["stop", "length"]
+    prompt_tokens: int = 0
+
+    @property
+    def cumulative_logprob(self) -> float:
+        return float(sum(self.token_logprobs))
+
+
+class Citation(_Frozen):
+    id: str
+    title: str
+    score: float
+
+
+class CandidateScores(_Frozen):
+    """Self-RAG critique of one candidate (one passage) and its combined score."""
+
+    passage_id: str | None
+    text: str
+    s_rel: float
+    s_sup: float
+    s_use: float
+    seq: float
+    total: float
+
+
+class Answer(_Frozen):
+    """What every pipeline returns, whatever the entry point."""
+
+    text: str
+    citations: list[Citation] = Field(default_factory=list)
+    hits: list[Hit] = Field(default_factory=list)
+    scores: list[CandidateScores] = Field(default_factory=list)
+    retrieval: dict[str, Any] = Field(default_factory=dict, description="decision and probability")
+    usage: dict[str, int] = Field(default_factory=dict)
+    trace: dict[str, Any] = Field(default_factory=dict)
+
+    def to_json(self, *, include_trace: bool = False) -> dict[str, Any]:
+        out: dict[str, Any] = {
+            "answer": self.text,
+            "citations": [c.model_dump() for c in self.citations],
+        }
+        if self.scores:
+            out["scores"] = [s.model_dump() for s in self.scores]
+        if self.retrieval:
+            out["retrieval"] = self.retrieval
+        if self.usage:
+            out["usage"] = self.usage
+        if include_trace:
+            out["trace"] = self.trace
+        return out
