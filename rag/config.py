@@ -99,7 +99,9 @@ class GeneratorConfig(_Config):
 class PromptConfig(_Config):
     format: Literal["sciphi", "selfrag", "mistral_inst", "chatml", "hf_template"] = "hf_template"
     system_prompt: str | None = Field(None, description="sciphi: replaces ALPACA_CHAT_SYSTEM_PROMPT")
-    context_template: str | None = Field(None, description="how context follows the prompt")
+    context_template: str | None = Field(None, description="how the context is written in")
+    context_position: Literal["response", "user"] = Field(
+        "response", description="after the generation prompt (SciPhi) or inside the last user turn")
 
 
 class PipelineConfig(_Config):

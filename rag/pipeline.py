@@ -65,7 +65,8 @@ class ChatRagPipeline:
     def format(self) -> ChatFormat:
         if self._format is None:
             tok = self.generator.tokenizer
-            kw: dict[str, Any] = {"extra_control": tokenizer_control_strings(tok)}
+            kw: dict[str, Any] = {"extra_control": tokenizer_control_strings(tok),
+                                  "context_position": self.config.prompt.context_position}
             if self.config.prompt.context_template:
                 kw["context_template"] = self.config.prompt.context_template
             if self.config.prompt.format == "sciphi" and self.config.prompt.system_prompt:

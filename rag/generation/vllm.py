@@ -53,8 +53,9 @@ def sampling_params(params: GenerationParams) -> Any:
         n=1, max_tokens=params.max_new_tokens, temperature=params.temperature,
         top_p=params.top_p, seed=params.seed, stop=params.stop or None,
         stop_token_ids=params.stop_token_ids or None,
-        # with logprob_token_ids set vLLM returns those (plus the sampled token) instead of top-k
-        logprobs=params.top_logprobs or None,
+        # 0 = the sampled token's logprob only; with logprob_token_ids set vLLM returns those
+        # (plus the sampled token) instead of top-k
+        logprobs=None if params.logprob_token_ids else params.top_logprobs,
         logprob_token_ids=params.logprob_token_ids or None,
         skip_special_tokens=False, spaces_between_special_tokens=False)
 
@@ -118,6 +119,16 @@ class VLLMGenerator:
                            max_logprobs=self.max_logprobs)
         self._llm = LLM(**kw)
         return self
+
+    def close(self) -> None:
+        """Shut the engine (and its worker processes) down; idempotent."""
+        if self._llm is None:
+            return
+        try:
+            self._llm.llm_engine.engine_core.shutdown()
+        except Exception as e:  # best effort: the process is usually exiting anyway
+            log.debug("vLLM shutdown: %s", e)
+        self._llm = None
 
     @property
     def llm(self) -> Any:

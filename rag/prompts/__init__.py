@@ -24,6 +24,7 @@ ALPACA_CHAT_SYSTEM_PROMPT = (
 )
 ROLES = ("system", "user", "assistant")
 SCIPHI_CONTEXT = "[Retrieval] <paragraph>{context}</paragraph>"  # one space, as the card does
+USER_CONTEXT = "Answer the question using the passage.\n\nPassage: {context}\n\nQuestion: {question}"
 
 
 def check_messages(messages: Sequence[ChatMessage]) -> None:
@@ -45,18 +46,32 @@ def last_user_message(messages: Sequence[ChatMessage]) -> str:
 
 
 class ChatFormat:
-    """Renders a conversation (and optional retrieved context) into one prompt string."""
+    """Renders a conversation (and optional retrieved context) into one prompt string.
+
+    ``context_position="response"`` (default, the SciPhi flow) appends ``context_template``
+    after the generation prompt; ``"user"`` rewrites the last user turn with ``context_template``
+    (which then also takes ``{question}``), for models never tuned on the SciPhi layout.
+    """
 
     name = "base"
     #: how retrieved context is appended after the generation prompt
     context_template = SCIPHI_CONTEXT
 
-    def __init__(self, *, extra_control: Sequence[str] = (), context_template: str | None = None):
+    def __init__(self, *, extra_control: Sequence[str] = (), context_template: str | None = None,
+                 context_position: str = "response"):
         self.extra_control = tuple(extra_control)
+        if context_position not in ("response", "user"):
+            raise PromptError(f"context_position must be response or user, got {context_position!r}")
+        self.context_position = context_position
+        if context_position == "user":
+            self.context_template = USER_CONTEXT
         if context_template is not None:
-            if "{context}" not in context_template:
-                raise PromptError("context_template must contain {context}")
             self.context_template = context_template
+        needed = ("{context}", "{question}") if context_position == "user" else ("{context}",)
+        for field in needed:
+            if field not in self.context_template:
+                raise PromptError(f"context_template must contain {field} "
+                                  f"(context_position={context_position})")
 
     def clean(self, text: str) -> str:
         return neutralize(text, self.extra_control)
@@ -66,6 +81,10 @@ class ChatFormat:
 
     def render(self, messages: Sequence[ChatMessage], context: str | None = None) -> str:
         check_messages(messages)
+        if context is not None and self.context_position == "user":
+            content = self.context_template.format(context=self.clean(context),
+                                                   question=self.clean(messages[-1].content))
+            return self.conversation([*messages[:-1], ChatMessage(role="user", content=content)])
         prompt = self.conversation(messages)
         if context is not None:
             prompt += self.context_template.format(context=self.clean(context))
