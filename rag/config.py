@@ -104,6 +104,32 @@ class PromptConfig(_Config):
         "response", description="after the generation prompt (SciPhi) or inside the last user turn")
 
 
+class SelfRagSettings(_Config):
+    """Self-RAG decoding. Defaults follow the paper; ``compat_*`` flags reproduce the reference
+    scripts (all four together: compat_log_ratio, w_use=1.0, path_score=product,
+    select=deepest)."""
+
+    mode: Literal["always", "never", "adaptive"] = "adaptive"
+    threshold: float = Field(0.2, ge=0.0, le=1.0, description="adaptive retrieval threshold")
+    compat_log_ratio: bool = Field(False, description="reference bug: ratio on log-probabilities")
+    critic: Literal["tokens", "prompted"] = Field(
+        "tokens", description="reflection tokens (Self-RAG models) or prompted critique (any model)")
+    task: Literal["open", "closed"] = Field("open", description="closed: vote over equal answers")
+    instruction: str | None = Field(None, description="task instruction; {question} is replaced")
+    w_rel: float = 1.0
+    w_sup: float = 1.0
+    w_use: float = 0.5
+    use_seq: bool = Field(True, description="add exp(mean token logprob) to the score")
+    decoding: Literal["short", "long"] = "short"
+    max_depth: int = Field(7, ge=1, le=20)
+    beam_width: int = Field(2, ge=1, le=16)
+    segment_retrieval: Literal["static", "per_segment"] = "per_segment"
+    path_score: Literal["mean", "product"] = Field(
+        "mean", description="combine segment scores along a path (reference: product)")
+    select: Literal["best", "deepest"] = Field(
+        "best", description="final path: best score, or best at the deepest level (reference)")
+
+
 class PipelineConfig(_Config):
     """A pipeline YAML (pipelines/*.yaml). ``extra="forbid"``: unknown keys are errors."""
 
@@ -115,7 +141,7 @@ class PipelineConfig(_Config):
     prompt: PromptConfig = PromptConfig()
     generation: GenerationParams = GenerationParams()
     query_rewrite: bool = Field(False, description="ask the model for a search query first")
-    selfrag: dict[str, Any] | None = Field(None, description="Self-RAG decoder settings")
+    selfrag: SelfRagSettings = SelfRagSettings()
     expected: dict[str, Any] | None = Field(None, description="expected eval scores (rag eval --check)")
 
     @model_validator(mode="after")

@@ -23,12 +23,17 @@ class ScriptedTokenizer:
             self.vocab.setdefault(t, len(self.vocab))
         self.additional_special_tokens = list(special_tokens)
         self.eos_token, self.eos_token_id = "</s>", 1
+        self.unk_token_id = 0
 
     def convert_tokens_to_ids(self, token: str) -> int:
         return self.vocab.get(token, 0)
 
     def get_vocab(self) -> dict[str, int]:
         return dict(self.vocab)
+
+    def decode(self, ids: list[int], **_: object) -> str:
+        inverse = {v: k for k, v in self.vocab.items()}
+        return "".join(inverse.get(i, "") for i in ids)
 
     def id_of(self, token: str) -> int:
         return self.vocab.setdefault(token, len(self.vocab))

@@ -1,0 +1,170 @@
+"""Critics: where the IsRel / IsSup / IsUse / Retrieve probabilities come from.
+
+`TokenCritic` reads the reflection tokens a Self-RAG model emits (exact logprobs of their ids).
+`PromptedCritic` works with any instruct model: it asks one short question per aspect and reads
+the probabilities of the answer options' first tokens, normalised within the option set, in
+place of the reflection-token probabilities. Both feed the same scoring formula.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+from rag.errors import ConfigError
+from rag.generation import Generator
+from rag.prompts import ChatFormat, get_format, selfrag_paragraph, selfrag_prompt
+from rag.prompts.sanitize import neutralize, tokenizer_control_strings
+from rag.selfrag.scoring import (
+    Critique,
+    Weights,
+    combine,
+    critique_generation,
+    normalised,
+    relevance_score,
+    sequence_score,
+    support_score,
+    utility_score,
+)
+from rag.selfrag.tokens import ReflectionTokens
+from rag.types import ChatMessage, Generation, GenerationParams, Passage
+
+
+class TokenCritic:
+    """Self-RAG models: candidates carry their own critique as reflection tokens."""
+
+    label = "reflection-tokens"
+
+    def __init__(self, generator: Generator, *, instruction: str | None = None):
+        self.generator = generator
+        self.tokens = ReflectionTokens.from_tokenizer(generator.tokenizer)
+        self.instruction = instruction
+        self.extra_control = tokenizer_control_strings(generator.tokenizer)
+
+    def prompt(self, question: str) -> str:
+        q = neutralize(question, self.extra_control)
+        if self.instruction:
+            return selfrag_prompt(self.instruction.replace("{question}", q))
+        return selfrag_prompt(q)
+
+    def retrieval_steps(self, prompts: Sequence[str]) -> list[dict[int, float]]:
+        """Next-token logprobs of [Retrieval]/[No Retrieval] right after each prompt."""
+        t = self.tokens
+        gens = self.generator.generate(list(prompts), GenerationParams(
+            max_new_tokens=1, logprob_token_ids=[t.retrieval, t.no_retrieval]))
+        return [g.logprobs[0] if g.logprobs else {} for g in gens]
+
+    def retrieval_ids(self) -> tuple[int, int]:
+        return self.tokens.retrieval, self.tokens.no_retrieval
+
+    def no_retrieval_prompt(self, question: str) -> str:
+        return self.prompt(question) + "[No Retrieval]"
+
+    def candidate_prompt(self, question: str, passage: Passage) -> str:
+        return self.prompt(question) + selfrag_paragraph(passage, self.extra_control)
+
+    def candidate_params(self, base: GenerationParams) -> GenerationParams:
+        return base.model_copy(update={"logprob_token_ids": self.tokens.all_ids})
+
+    def critique(self, items: Sequence[tuple[str, Passage, Generation]], w: Weights) -> list[Critique]:
+        """Scores for (question, passage, generation) triples, read off the generations."""
+        t = self.tokens
+        return [critique_generation(g, relevant=t.relevant, irrelevant=t.irrelevant,
+                                    support=t.support, utility=t.utility, w=w) for _, _, g in items]
+
+
+REL_Q = ("Passage:\n{passage}\n\nQuestion: {question}\n\nIs the passage relevant to the question? "
+         "Answer Yes or No.")
+SUP_Q = ("Passage:\n{passage}\n\nQuestion: {question}\nAnswer: {answer}\n\nIs the answer supported "
+         "by the passage? Answer Fully, Partially or No.")
+USE_Q = ("Question: {question}\nAnswer: {answer}\n\nHow useful is the answer to the question, "
+         "from 1 (useless) to 5 (complete and helpful)? Reply with one digit.")
+RET_Q = ("Question: {question}\n\nWould looking up documents help to answer this question "
+         "correctly? Answer Yes or No.")
+CANDIDATE_Q = "Answer the question using the passage.\n\nPassage: {context}\n\nQuestion: {question}"
+
+
+class PromptedCritic:
+    """Any instruct model: the model answers with each passage in its own chat format, then is
+    asked one question per aspect; option first-token probabilities stand in for the reflection
+    tokens (Yes/No -> IsRel, Fully/Partially/No -> IsSup, 1..5 -> IsUse)."""
+
+    label = "prompted"
+
+    def __init__(self, generator: Generator, fmt: ChatFormat | None = None, *,
+                 instruction: str | None = None):
+        self.generator = generator
+        tok = generator.tokenizer
+        self.extra_control = tokenizer_control_strings(tok)
+        self.format = fmt or get_format("hf_template", tokenizer=tok, extra_control=self.extra_control)
+        self.instruction = instruction
+        self.yes_no = self._option_ids(["Yes", "No"])
+        self.support = self._option_ids(["Fully", "Partially", "No"])
+        self.utility = self._option_ids(["1", "2", "3", "4", "5"])
+
+    def _option_ids(self, options: Sequence[str]) -> list[int]:
+        tok = self.generator.tokenizer
+        ids = [tok(o, add_special_tokens=False)["input_ids"][0] for o in options]
+        if len(set(ids)) != len(ids):
+            raise ConfigError(f"options {list(options)} share a first token in this tokenizer; "
+                              "the prompted critic cannot tell them apart")
+        return ids
+
+    def _chat(self, content: str) -> str:
+        return self.format.render([ChatMessage(role="user", content=content)])
+
+    def _q(self, question: str) -> str:
+        return self.instruction.replace("{question}", question) if self.instruction else question
+
+    def retrieval_steps(self, prompts: Sequence[str]) -> list[dict[int, float]]:
+        gens = self.generator.generate([self._chat(RET_Q.format(question=p)) for p in prompts],
+                                       GenerationParams(max_new_tokens=1, logprob_token_ids=self.yes_no))
+        return [g.logprobs[0] if g.logprobs else {} for g in gens]
+
+    def retrieval_ids(self) -> tuple[int, int]:
+        return self.yes_no[0], self.yes_no[1]
+
+    def prompt(self, question: str) -> str:
+        """For the decision: the raw question; the chat formatting happens in retrieval_steps."""
+        return question
+
+    def no_retrieval_prompt(self, question: str) -> str:
+        return self._chat(self._q(question))
+
+    def candidate_prompt(self, question: str, passage: Passage) -> str:
+        ctx = f"{passage.title}\n{passage.text}" if passage.title else passage.text
+        return self._chat(CANDIDATE_Q.format(context=ctx, question=self._q(question)))
+
+    def candidate_params(self, base: GenerationParams) -> GenerationParams:
+        return base
+
+    def critique(self, items: Sequence[tuple[str, Passage, Generation]], w: Weights) -> list[Critique]:
+        """Three one-token questions per (question, passage, generation), all in one call."""
+        prompts = []
+        for question, p, g in items:
+            ctx = f"{p.title}\n{p.text}" if p.title else p.text
+            answer = " ".join(g.text.split())
+            prompts += [self._chat(REL_Q.format(passage=ctx, question=question)),
+                        self._chat(SUP_Q.format(passage=ctx, question=question, answer=answer)),
+                        self._chat(USE_Q.format(question=question, answer=answer))]
+        if not prompts:
+            return []
+        ids = sorted(set(self.yes_no + self.support + self.utility))
+        outs = self.generator.generate(prompts, GenerationParams(max_new_tokens=1, logprob_token_ids=ids))
+        result = []
+        for i, (_, _, g) in enumerate(items):
+            rel, sup, use = (o.logprobs[0] if o.logprobs else {} for o in outs[3 * i: 3 * i + 3])
+            result.append(combine(relevance_score(normalised(rel, self.yes_no)),
+                                  support_score(normalised(sup, self.support)),
+                                  utility_score(normalised(use, self.utility)),
+                                  sequence_score(g.token_logprobs), w))
+        return result
+
+
+def make_critic(kind: str, generator: Generator, *, instruction: str | None = None,
+                fmt: ChatFormat | None = None) -> Any:
+    if kind == "tokens":
+        return TokenCritic(generator, instruction=instruction)
+    if kind == "prompted":
+        return PromptedCritic(generator, fmt, instruction=instruction)
+    raise ConfigError(f"unknown critic {kind!r}; use tokens or prompted")

@@ -1,0 +1,309 @@
+"""The Self-RAG decoder: adaptive retrieval, critique-ranked short-form answers, and
+segment-level tree search for long-form answers (spec sections 3-4).
+
+Deviations from the reference scripts, each behind a flag that restores the script's
+behaviour (see `rag.config.SelfRagSettings`): the retrieval ratio uses probabilities, not
+log-probabilities; ``w_use`` is 0.5; long-form paths score by the mean of their segment scores
+and the best leaf wins (the script multiplies and keeps the deepest level); every child's
+prompt is built from its own parent (the script mixes up siblings' prefixes); decoding keeps
+special tokens and decides from token ids.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from rag.config import SelfRagSettings
+from rag.errors import ConfigError
+from rag.generation import Generator
+from rag.prompts import selfrag_paragraph
+from rag.selfrag.critic import TokenCritic
+from rag.selfrag.scoring import (
+    Critique,
+    Weights,
+    critique_generation,
+    postprocess,
+    should_retrieve,
+    strip_reflection,
+    vote,
+)
+from rag.types import Answer, CandidateScores, Citation, Generation, GenerationParams, Hit, Passage
+
+SearchFn = Callable[[Sequence[str], int], list[list[Hit]]]
+
+
+def _weights(s: SelfRagSettings) -> Weights:
+    return Weights(rel=s.w_rel, sup=s.w_sup, use=s.w_use, seq=s.use_seq)
+
+
+def _scores(p: Passage | None, text: str, c: Critique) -> CandidateScores:
+    return CandidateScores(passage_id=p.id if p else None, text=text, s_rel=c.s_rel,
+                           s_sup=c.s_sup, s_use=c.s_use, seq=c.seq, total=c.total)
+
+
+class SelfRagDecoder:
+    """Runs Self-RAG for batches of questions.
+
+    Args:
+        generator: any `Generator`.
+        critic: `TokenCritic` (Self-RAG models) or `PromptedCritic` (any model).
+        settings: `SelfRagSettings`.
+        params: base generation settings for candidates (max_new_tokens, temperature...).
+    """
+
+    def __init__(self, generator: Generator, critic: Any, settings: SelfRagSettings,
+                 params: GenerationParams):
+        self.generator, self.critic, self.settings, self.params = generator, critic, settings, params
+        self.weights = _weights(settings)
+
+    # --- retrieval decision -------------------------------------------------------------
+    def decide(self, questions: Sequence[str]) -> list[tuple[bool, float | None]]:
+        s = self.settings
+        if s.mode != "adaptive":
+            return [(s.mode == "always", None)] * len(questions)
+        ret, no_ret = self.critic.retrieval_ids()
+        steps = self.critic.retrieval_steps([self.critic.prompt(q) for q in questions])
+        return [should_retrieve(step, ret, no_ret, s.threshold, compat_log_ratio=s.compat_log_ratio)
+                for step in steps]
+
+    # --- short form ---------------------------------------------------------------------
+    def short_form(self, questions: Sequence[str], search: SearchFn | None, top_k: int,
+                   hits: Sequence[Sequence[Hit]] | None = None) -> list[Answer]:
+        """Answer each question; ``hits`` (pre-retrieved passages) replace ``search``."""
+        t0 = time.perf_counter()
+        decisions = self.decide(questions)
+        retrieve = [i for i, (d, _) in enumerate(decisions) if d]
+        found: dict[int, list[Hit]] = {}
+        if retrieve:
+            if hits is not None:
+                found = {i: list(hits[i])[:top_k] for i in retrieve}
+            elif search is not None:
+                found = dict(zip(retrieve, search([questions[i] for i in retrieve], top_k), strict=True))
+        t_ret = time.perf_counter() - t0
+        prompts: list[str] = []
+        owners: list[tuple[int, Hit | None]] = []
+        for i, q in enumerate(questions):
+            if found.get(i):
+                for h in found[i]:
+                    prompts.append(self.critic.candidate_prompt(q, h.passage))
+                    owners.append((i, h))
+            else:
+                prompts.append(self.critic.no_retrieval_prompt(q))
+                owners.append((i, None))
+        t1 = time.perf_counter()
+        gens = self.generator.generate(prompts, self.critic.candidate_params(self.params))
+        t_gen = time.perf_counter() - t1
+        items = [(questions[i], h.passage, g) for (i, h), g in zip(owners, gens, strict=True) if h]
+        t2 = time.perf_counter()
+        critiques = iter(self.critic.critique(items, self.weights))
+        t_crit = time.perf_counter() - t2
+        per_q: dict[int, list[tuple[Hit | None, Generation, Critique | None]]] = {}
+        for (i, h), g in zip(owners, gens, strict=True):
+            per_q.setdefault(i, []).append((h, g, next(critiques) if h else None))
+        n = max(1, len(questions))
+        timings = {"retrieval_s": t_ret / n, "generation_s": t_gen / n, "critique_s": t_crit / n}
+        return [self._short_answer(questions[i], decisions[i], per_q[i], timings, prompts)
+                for i in range(len(questions))]
+
+    def _short_answer(self, question: str, decision: tuple[bool, float | None],
+                      cands: list[tuple[Hit | None, Generation, Critique | None]],
+                      timings: dict[str, float], prompts: Sequence[str]) -> Answer:
+        retrieval = {"decision": "retrieve" if cands[0][0] else "no_retrieval",
+                     "probability": decision[1], "mode": self.settings.mode,
+                     "critic": self.critic.label}
+        tokens = sum(len(g.token_ids) for _, g, _ in cands)
+        usage = {"prompt_tokens": sum(g.prompt_tokens for _, g, _ in cands), "completion_tokens": tokens}
+        if cands[0][0] is None:  # no retrieval: the single generation is the answer
+            g = cands[0][1]
+            return Answer(text=postprocess(g.text), retrieval=retrieval, usage=usage,
+                          trace={"critic": self.critic.label, "timings": timings,
+                                 "raw_completion": g.text})
+        scored = [(h, g, c) for h, g, c in cands if h is not None and c is not None]
+        scores = [_scores(h.passage, postprocess(g.text), c) for h, g, c in scored]
+        if self.settings.task == "closed":
+            winner, sums = vote([s.text for s in scores], [s.total for s in scores])
+            best = max((s for s in scores), key=lambda s: (s.total if _key(s.text) == winner else -math.inf))
+            retrieval["votes"] = sums
+        else:
+            best = max(scores, key=lambda s: s.total)
+        idx = scores.index(best)
+        hit = scored[idx][0]
+        return Answer(text=best.text, citations=[Citation(id=hit.passage.id, title=hit.passage.title,
+                                                          score=hit.score)],
+                      hits=[h for h, _, _ in scored], scores=scores, retrieval=retrieval, usage=usage,
+                      trace={"critic": self.critic.label, "timings": timings,
+                             "best_candidate": idx, "raw_completion": scored[idx][1].text})
+
+    # --- long form ----------------------------------------------------------------------
+    def long_form(self, question: str, search: SearchFn | None, top_k: int,
+                  hits: Sequence[Hit] | None = None) -> Answer:
+        if not isinstance(self.critic, TokenCritic):
+            raise ConfigError("long-form tree search needs a Self-RAG model (critic: tokens): "
+                              "segments are delimited by the [Retrieval] token")
+        return TreeSearch(self, question, search, top_k, hits).run()
+
+
+def _key(text: str) -> str:
+    from rag.selfrag.scoring import normalise_closed_answer
+
+    return normalise_closed_answer(text)
+
+
+@dataclass(slots=True)
+class Node:
+    """One segment in the tree. ``prefix`` is everything before this node's segment (its own
+    parent's prefix + the parent's segment + this node's paragraph)."""
+
+    prefix: str
+    segment: str = ""
+    passage: Passage | None = None
+    hit: Hit | None = None
+    segment_scores: list[float] = field(default_factory=list)
+    critique: Critique | None = None
+    parent: Node | None = None
+    depth: int = 0
+    done: bool = False
+    wants_retrieval: bool = True
+    node_id: int = 0
+
+    def path(self) -> list[Node]:
+        out, node = [], self
+        while node is not None:
+            out.append(node)
+            node = node.parent
+        return out[::-1]
+
+
+class TreeSearch:
+    """Segment-level beam search over passages (spec section 4)."""
+
+    def __init__(self, decoder: SelfRagDecoder, question: str, search: SearchFn | None, top_k: int,
+                 static_hits: Sequence[Hit] | None):
+        self.d, self.q, self.search, self.top_k = decoder, question, search, top_k
+        self.static_hits = list(static_hits) if static_hits is not None else None
+        self.critic: TokenCritic = decoder.critic
+        self.t = self.critic.tokens
+        self.s = decoder.settings
+        self.nodes: list[Node] = []
+
+    def _new(self, **kw: Any) -> Node:
+        node = Node(node_id=len(self.nodes), **kw)
+        self.nodes.append(node)
+        return node
+
+    def _path_score(self, scores: Sequence[float]) -> float:
+        if self.s.path_score == "product":
+            return math.prod(scores)
+        return sum(scores) / len(scores)
+
+    def _passages(self, expand: Sequence[Node]) -> list[list[Hit]]:
+        if self.s.segment_retrieval == "static" or self.static_hits is not None:
+            if self.static_hits is None:
+                assert self.search is not None
+                self.static_hits = self.search([self.q], self.top_k)[0]
+            return [self.static_hits[: self.top_k]] * len(expand)
+        if self.search is None:
+            raise ConfigError("per-segment retrieval needs a retriever (or use segment_retrieval: static)")
+        queries = [self.q if n.parent is None else
+                   f"{self.q} {postprocess(n.segment)}".strip() for n in expand]
+        return self.search(queries, self.top_k)
+
+    def _split(self, g: Generation) -> tuple[str, bool, bool]:
+        """(segment text, wants retrieval, done) from one child generation."""
+        ids = g.token_ids
+        if ids and ids[-1] == self.t.retrieval and g.finish_reason == "stop":
+            return g.text, True, False
+        for j, tid in enumerate(ids):
+            if tid == self.t.no_retrieval and j < len(g.logprobs):
+                step = g.logprobs[j]
+                pr = [math.exp(step.get(i, -100.0)) for i in (self.t.retrieval, self.t.continue_evidence,
+                                                               self.t.no_retrieval)]
+                ratio = (pr[0] + pr[1]) / (pr[0] + pr[2]) if pr[0] + pr[2] > 0 else 0.0
+                if ratio > self.s.threshold:
+                    text = self.critic.generator.tokenizer.decode(
+                        ids[:j], skip_special_tokens=False, clean_up_tokenization_spaces=False)
+                    return text, True, False
+        return g.text, False, True
+
+    def run(self) -> Answer:
+        t0 = time.perf_counter()
+        root = self._new(prefix=self.critic.prompt(self.q))
+        (decision,) = self.d.decide([self.q])
+        retrieval = {"decision": "retrieve" if decision[0] else "no_retrieval",
+                     "probability": decision[1], "mode": self.s.mode, "critic": self.critic.label}
+        params = self.critic.candidate_params(self.d.params).model_copy(
+            update={"stop_token_ids": [self.t.retrieval]})
+        if not decision[0]:
+            (g,) = self.d.generator.generate([root.prefix + "[No Retrieval]"], self.d.params)
+            return Answer(text=postprocess(g.text), retrieval=retrieval,
+                          trace={"critic": self.critic.label, "raw_completion": g.text})
+        live, leaves = [root], []
+        for depth in range(1, self.s.max_depth + 1):
+            expand = [n for n in live if n.wants_retrieval and not n.done]
+            if not expand:
+                break
+            prompts, meta = [], []
+            for node, hits in zip(expand, self._passages(expand), strict=True):
+                base = node.prefix + node.segment  # the node's OWN prefix, never a sibling's
+                for h in hits:
+                    para = selfrag_paragraph(h.passage, self.critic.extra_control)
+                    prompts.append(base + para)
+                    meta.append((node, h, base + para))
+            gens = self.d.generator.generate(prompts, params)
+            children = []
+            for (node, h, prefix), g in zip(meta, gens, strict=True):
+                crit = critique_generation(g, relevant=self.t.relevant, irrelevant=self.t.irrelevant,
+                                           support=self.t.support, utility=self.t.utility,
+                                           w=self.d.weights)
+                text, wants, done = self._split(g)
+                children.append(self._new(prefix=prefix, segment=text, passage=h.passage, hit=h,
+                                          segment_scores=node.segment_scores + [crit.total],
+                                          critique=crit, parent=node, depth=depth, done=done,
+                                          wants_retrieval=wants))
+            children.sort(key=lambda n: self._path_score(n.segment_scores), reverse=True)
+            kept = children[: self.s.beam_width]
+            leaves += [n for n in kept if n.done]
+            live = [n for n in kept if not n.done]
+        leaves += [n for n in live if n is not root]
+        if not leaves:
+            return Answer(text="", retrieval=retrieval, trace={"critic": self.critic.label})
+        if self.s.select == "deepest":
+            deepest = max(n.depth for n in leaves)
+            leaves = [n for n in leaves if n.depth == deepest]
+        best = max(leaves, key=lambda n: self._path_score(n.segment_scores))
+        return self._answer(best, retrieval, time.perf_counter() - t0)
+
+    def _answer(self, best: Node, retrieval: dict[str, Any], seconds: float) -> Answer:
+        cited: list[Hit] = []
+        parts = []
+        for node in best.path()[1:]:
+            assert node.hit is not None
+            ids = [h.passage.id for h in cited]
+            if node.hit.passage.id not in ids:
+                cited.append(node.hit)
+                ids.append(node.hit.passage.id)
+            text = " ".join(strip_reflection(node.segment).split())
+            if text:
+                parts.append(f"{text} [{ids.index(node.hit.passage.id) + 1}]")
+        scores = [_scores(n.passage, " ".join(strip_reflection(n.segment).split()), n.critique)
+                  for n in best.path()[1:] if n.critique is not None]
+        tree = [{"id": n.node_id, "parent": n.parent.node_id if n.parent else None, "depth": n.depth,
+                 "passage_id": n.passage.id if n.passage else None,
+                 "segment": n.segment, "score": self._path_score(n.segment_scores) if n.segment_scores else None,
+                 "done": n.done} for n in self.nodes]
+        return Answer(text=" ".join(parts),
+                      citations=[Citation(id=h.passage.id, title=h.passage.title, score=h.score) for h in cited],
+                      hits=cited, scores=scores, retrieval=retrieval,
+                      trace={"critic": self.critic.label, "tree": tree, "best_node": best.node_id,
+                             "seconds": round(seconds, 4)})
+
+
+def to_alce(question: str, answer: Answer) -> dict[str, Any]:
+    """ALCE-style record (question, output with [i] citations, docs) for long-form scorers."""
+    return {"question": question, "output": answer.text,
+            "docs": [{"id": h.passage.id, "title": h.passage.title, "text": h.passage.text}
+                     for h in answer.hits]}

@@ -1,0 +1,60 @@
+"""The 15 reflection tokens, looked up through the tokenizer (never hard-coded ids)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from rag.errors import ConfigError
+
+RETRIEVAL = ("[No Retrieval]", "[Retrieval]", "[Continue to Use Evidence]")
+RELEVANCE = ("[Relevant]", "[Irrelevant]")
+PARAGRAPH = ("<paragraph>", "</paragraph>")
+UTILITY = ("[Utility:1]", "[Utility:2]", "[Utility:3]", "[Utility:4]", "[Utility:5]")
+SUPPORT = ("[Fully supported]", "[Partially supported]", "[No support / Contradictory]")
+
+
+@dataclass(frozen=True, slots=True)
+class ReflectionTokens:
+    """Token ids of the reflection tokens for one tokenizer."""
+
+    no_retrieval: int
+    retrieval: int
+    continue_evidence: int
+    relevant: int
+    irrelevant: int
+    paragraph_open: int
+    paragraph_close: int
+    utility: tuple[int, int, int, int, int]
+    support: tuple[int, int, int]  # fully, partially, none
+
+    @classmethod
+    def from_tokenizer(cls, tokenizer: Any) -> ReflectionTokens:
+        """Raises `ConfigError` naming the missing tokens when the model lacks them."""
+        strings = RETRIEVAL + RELEVANCE + PARAGRAPH + UTILITY + SUPPORT
+        ids: dict[str, int] = {}
+        missing = []
+        unk = getattr(tokenizer, "unk_token_id", None)
+        for s in strings:
+            tid = tokenizer.convert_tokens_to_ids(s)
+            if tid is None or tid == unk or (isinstance(tid, int) and tid < 0):
+                missing.append(s)
+            else:
+                ids[s] = int(tid)
+        if missing:
+            raise ConfigError(
+                f"this model's tokenizer lacks the Self-RAG reflection tokens {missing}; use a "
+                "Self-RAG model (selfrag_llama2_7b/13b, SciPhi-Self-RAG) or set "
+                "selfrag.critic: prompted to critique with prompts instead")
+        return cls(no_retrieval=ids[RETRIEVAL[0]], retrieval=ids[RETRIEVAL[1]],
+                   continue_evidence=ids[RETRIEVAL[2]], relevant=ids[RELEVANCE[0]],
+                   irrelevant=ids[RELEVANCE[1]], paragraph_open=ids[PARAGRAPH[0]],
+                   paragraph_close=ids[PARAGRAPH[1]],
+                   utility=tuple(ids[s] for s in UTILITY),  # type: ignore[arg-type]
+                   support=tuple(ids[s] for s in SUPPORT))  # type: ignore[arg-type]
+
+    @property
+    def all_ids(self) -> list[int]:
+        return [self.no_retrieval, self.retrieval, self.continue_evidence, self.relevant,
+                self.irrelevant, self.paragraph_open, self.paragraph_close, *self.utility,
+                *self.support]

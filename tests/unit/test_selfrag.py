@@ -1,0 +1,307 @@
+"""Self-RAG scoring and decoding with a scripted generator and hand-computed expectations."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import pytest
+
+from rag.config import PipelineConfig, SelfRagSettings
+from rag.errors import ConfigError
+from rag.generation.scripted import ScriptedGenerator, ScriptedTokenizer
+from rag.prompts.sanitize import REFLECTION_TOKENS
+from rag.selfrag.critic import TokenCritic
+from rag.selfrag.decoder import SelfRagDecoder, to_alce
+from rag.selfrag.pipeline import SelfRagPipeline
+from rag.selfrag.scoring import (
+    Weights,
+    critique_generation,
+    normalise_closed_answer,
+    normalised,
+    postprocess,
+    sequence_score,
+    should_retrieve,
+    vote,
+)
+from rag.selfrag.tokens import ReflectionTokens
+from rag.types import Generation, GenerationParams, Hit, Passage
+
+TOK = ScriptedTokenizer(REFLECTION_TOKENS)
+T = ReflectionTokens.from_tokenizer(TOK)
+ln = math.log
+
+
+def gen(pieces: Sequence[str], steps: Sequence[dict[str, float]] | None = None, *,
+        token_lp: float = -0.2, stop_at_retrieval: bool = False) -> Generation:
+    """A generation of ``pieces`` (strings; reflection tokens become their ids), with per-position
+    requested logprobs given as {token string: probability}."""
+    ids = [TOK.id_of(p) for p in pieces]
+    text = "".join(pieces)
+    if stop_at_retrieval:  # backends drop the stop token from the text but keep its id
+        ids.append(T.retrieval)
+    logprobs = [{TOK.id_of(k): ln(v) for k, v in step.items()} for step in (steps or [])]
+    logprobs += [{}] * (len(ids) - len(logprobs))
+    return Generation(text=text, token_ids=ids, token_logprobs=[token_lp] * len(ids),
+                      logprobs=logprobs, finish_reason="stop")
+
+
+def hit(pid: str, score: float = 1.0, rank: int = 1) -> Hit:
+    return Hit(passage=Passage(id=pid, title=f"T{pid}", text=f"text of {pid}"), score=score, rank=rank)
+
+
+W = Weights(rel=1.0, sup=1.0, use=0.5, seq=True)
+
+
+def crit(g: Generation, w: Weights = W):  # type: ignore[no-untyped-def]
+    return critique_generation(g, relevant=T.relevant, irrelevant=T.irrelevant, support=T.support,
+                               utility=T.utility, w=w)
+
+
+# --- tokens ---------------------------------------------------------------------------
+
+
+def test_reflection_ids_come_from_the_tokenizer_and_missing_ones_are_named() -> None:
+    assert T.retrieval == TOK.convert_tokens_to_ids("[Retrieval]") and len(set(T.all_ids)) == 15
+    with pytest.raises(ConfigError, match=r"lacks the Self-RAG reflection tokens.*\[Retrieval\].*critic: prompted"):
+        ReflectionTokens.from_tokenizer(ScriptedTokenizer(["[No Retrieval]"]))
+
+
+# --- scoring: every branch ----------------------------------------------------------------
+
+
+def test_all_aspects_present_hand_computed() -> None:
+    g = gen(["[Relevant]", "Paris", "[Fully supported]", "[Utility:5]"], [
+        {"[Relevant]": 0.6, "[Irrelevant]": 0.2},
+        {},
+        {"[Fully supported]": 0.25, "[Partially supported]": 0.15, "[No support / Contradictory]": 0.1},
+        {"[Utility:4]": 0.2, "[Utility:5]": 0.2}], token_lp=-0.3)
+    c = crit(g)
+    assert c.s_rel == pytest.approx(0.75)
+    assert c.s_sup == pytest.approx(0.5 + 0.5 * 0.3)  # renormalised inside the group (S = 0.5)
+    # utilities 1-3 missing -> exp(-100) each; 4 and 5 share the mass equally
+    assert c.s_use == pytest.approx(0.5 * 0.5 + 1.0 * 0.5, abs=1e-9)
+    assert c.seq == pytest.approx(math.exp(-0.3))
+    assert c.total == pytest.approx(math.exp(-0.3) + 0.75 + 0.65 + 0.5 * 0.75)
+
+
+def test_no_issup_and_no_utility_emitted_score_zero() -> None:
+    c = crit(gen(["[Irrelevant]", "nope"], [{"[Relevant]": 0.1, "[Irrelevant]": 0.9}], token_lp=-1.0))
+    assert (c.s_sup, c.s_use) == (0.0, 0.0)
+    assert c.s_rel == pytest.approx(0.1)
+    assert c.total == pytest.approx(math.exp(-1.0) + 0.1)
+
+
+def test_missing_tokens_count_as_exp_minus_100_not_minus_100() -> None:
+    # [Irrelevant] absent from the position: p = exp(-100), so s_rel is ~1, not a negative number
+    c = crit(gen(["[Relevant]"], [{"[Relevant]": 0.5}]))
+    assert c.s_rel == pytest.approx(1.0) and 0 < c.s_rel <= 1
+    both_missing = normalised({}, [T.relevant, T.irrelevant])
+    assert both_missing == [0.5, 0.5]
+
+
+def test_weights_and_seq_switch() -> None:
+    g = gen(["[Relevant]", "x", "[Partially supported]"], [
+        {"[Relevant]": 1.0}, {},
+        {"[Fully supported]": 0.0001, "[Partially supported]": 0.9998, "[No support / Contradictory]": 0.0001}])
+    c = crit(g, Weights(rel=2.0, sup=3.0, use=0.5, seq=False))
+    assert c.total == pytest.approx(2.0 * 1.0 + 3.0 * (0.0001 + 0.5 * 0.9998), rel=1e-4)
+    assert sequence_score([]) == 0.0
+
+
+@pytest.mark.parametrize(("p_ret", "expected"), [(0.3, True), (0.21, True), (0.19, False), (0.1, False)])
+def test_threshold_both_sides(p_ret: float, expected: bool) -> None:
+    step = {T.retrieval: ln(p_ret * 0.5), T.no_retrieval: ln((1 - p_ret) * 0.5)}
+    decision, p = should_retrieve(step, T.retrieval, T.no_retrieval, 0.2)
+    assert decision is expected and p == pytest.approx(p_ret)
+
+
+def test_compat_log_ratio_reproduces_the_reference_inversion() -> None:
+    step = {T.retrieval: ln(0.9), T.no_retrieval: ln(0.1)}  # retrieval is very likely
+    assert should_retrieve(step, T.retrieval, T.no_retrieval, 0.2)[0] is True
+    decision, ratio = should_retrieve(step, T.retrieval, T.no_retrieval, 0.2, compat_log_ratio=True)
+    assert decision is False and ratio == pytest.approx(ln(0.9) / (ln(0.9) + ln(0.1)))
+
+
+def test_postprocess_and_closed_normalisation() -> None:
+    assert postprocess("[Relevant]Paris\nis big.[Fully supported][Utility:5]</s>") == "Paris is big."
+    assert normalise_closed_answer("B) 42") == "B"
+    assert normalise_closed_answer("True, it is.") == "true"
+    assert normalise_closed_answer("no") == "false"
+
+
+def test_closed_task_vote_sums_scores_of_equal_answers() -> None:
+    winner, sums = vote(["false", "true", "True."], [1.0, 0.6, 0.6])
+    assert winner == "true" and sums == {"false": 1.0, "true": pytest.approx(1.2)}
+
+
+# --- short-form decoder ---------------------------------------------------------------------
+
+
+PROMPT = "### Instruction:\nWhere is the Eiffel Tower?\n\n### Response:\n"
+
+
+def candidate(rel: float, text: str, sup: str, use: int) -> Generation:
+    sup_probs = {"[Fully supported]": 0.8 if sup == "full" else 0.1,
+                 "[Partially supported]": 0.1, "[No support / Contradictory]": 0.1 if sup == "full" else 0.8}
+    return gen([f"[{'Relevant' if rel > 0.5 else 'Irrelevant'}]", text, "[Fully supported]", f"[Utility:{use}]"],
+               [{"[Relevant]": rel, "[Irrelevant]": 1 - rel}, {}, sup_probs, {f"[Utility:{use}]": 0.9}])
+
+
+def decoder(script: list, settings: SelfRagSettings, default: Generation | None = None) -> tuple[SelfRagDecoder, ScriptedGenerator]:  # type: ignore[type-arg]
+    g = ScriptedGenerator(script, default=default, tokenizer=TOK)
+    return SelfRagDecoder(g, TokenCritic(g), settings, GenerationParams(max_new_tokens=50)), g
+
+
+def test_short_form_picks_the_best_critiqued_candidate_in_one_batched_call() -> None:
+    cands = {"a": candidate(0.2, "Berlin", "none", 1), "b": candidate(0.9, "Paris", "full", 5),
+             "c": candidate(0.7, "Lyon", "none", 3)}
+    script = [(lambda p, k=k: p.startswith(PROMPT) and f"text of {k}" in p, g) for k, g in cands.items()]
+    dec, g = decoder(script, SelfRagSettings(mode="always"))
+    (answer,) = dec.short_form(["Where is the Eiffel Tower?"], lambda qs, k: [[hit("a"), hit("b"), hit("c")]], 3)
+    assert answer.text == "Paris" and answer.citations[0].id == "b"
+    assert len(g.calls) == 1 and len(g.calls[0]) == 3  # K candidates, one call
+    assert g.calls[0][1] == PROMPT + "[Retrieval]<paragraph>Tb\ntext of b</paragraph>"
+    by_id = {s.passage_id: s for s in answer.scores}
+    expected_b = crit(cands["b"]).total
+    assert by_id["b"].total == pytest.approx(expected_b)
+    assert by_id["b"].total > by_id["c"].total > by_id["a"].total
+    assert answer.retrieval["decision"] == "retrieve" and answer.retrieval["critic"] == "reflection-tokens"
+
+
+def test_adaptive_no_retrieval_generates_from_no_retrieval_prompt() -> None:
+    decision = gen(["[No Retrieval]"], [{"[Retrieval]": 0.05, "[No Retrieval]": 0.95}])
+    script = [(PROMPT, decision), (PROMPT + "[No Retrieval]", gen(["Paris.", "[Utility:5]"]))]
+    dec, g = decoder(script, SelfRagSettings(mode="adaptive", threshold=0.2))
+    searched: list[Sequence[str]] = []
+    (answer,) = dec.short_form(["Where is the Eiffel Tower?"], lambda qs, k: searched.append(qs) or [], 3)
+    assert answer.text == "Paris." and searched == []
+    assert answer.retrieval == {"decision": "no_retrieval", "probability": pytest.approx(0.05),
+                                "mode": "adaptive", "critic": "reflection-tokens"}
+    assert answer.citations == [] and answer.scores == []
+
+
+def test_adaptive_retrieval_above_threshold_retrieves() -> None:
+    decision = gen(["[Retrieval]"], [{"[Retrieval]": 0.25, "[No Retrieval]": 0.75}])
+    script = [(PROMPT, decision)]
+    dec, _ = decoder(script, SelfRagSettings(mode="adaptive", threshold=0.2),
+                     default=candidate(0.9, "Paris", "full", 5))
+    (answer,) = dec.short_form(["Where is the Eiffel Tower?"], lambda qs, k: [[hit("b")]], 1)
+    assert answer.retrieval["decision"] == "retrieve" and answer.retrieval["probability"] == pytest.approx(0.25)
+
+
+def test_closed_task_votes_over_normalised_answers() -> None:
+    cands = {"a": candidate(0.7, "false", "none", 5), "b": candidate(0.6, "true", "none", 3),
+             "c": candidate(0.6, "True.", "none", 3)}
+    script = [(lambda p, k=k: f"text of {k}" in p, g) for k, g in cands.items()]
+    dec, _ = decoder(script, SelfRagSettings(mode="always", task="closed"))
+    (answer,) = dec.short_form(["Claim?"], lambda qs, k: [[hit("a"), hit("b"), hit("c")]], 3)
+    single_best = max(answer.scores, key=lambda s: s.total)
+    assert single_best.passage_id == "a"  # alone "false" would win...
+    assert normalise_closed_answer(answer.text) == "true"  # ...but two "true" votes sum higher
+    assert answer.retrieval["votes"]["true"] > answer.retrieval["votes"]["false"]
+
+
+def test_batch_of_questions_shares_one_candidate_call() -> None:
+    dec, g = decoder([], SelfRagSettings(mode="always"), default=candidate(0.9, "x", "full", 5))
+    answers = dec.short_form(["q1", "q2"], lambda qs, k: [[hit("a"), hit("b")] for _ in qs], 2)
+    assert len(answers) == 2 and len(g.calls) == 1 and len(g.calls[0]) == 4
+
+
+# --- long-form tree search -------------------------------------------------------------------
+
+
+SEGMENTS = {  # passage -> (relevance, segment text, asks for more evidence?)
+    "a": (0.9, "Alpha one.", True), "b": (0.6, "Beta one.", True), "c": (0.1, "Gamma one.", True),
+}
+
+
+def tree_rule(prompt: str) -> Generation:
+    depth = prompt.count("<paragraph>")
+    last = prompt.rsplit("text of ", 1)[1][0]
+    rel, text, more = SEGMENTS[last]
+    if depth >= 2:
+        text, more = text.replace("one", "two"), False
+    return gen(["[Relevant]" if rel > 0.5 else "[Irrelevant]", text, "[Fully supported]"],
+               [{"[Relevant]": rel, "[Irrelevant]": 1 - rel}, {},
+                {"[Fully supported]": rel, "[Partially supported]": 0.0001,
+                 "[No support / Contradictory]": 1 - rel}],
+               stop_at_retrieval=more)
+
+
+def test_tree_search_prunes_to_beam_width_and_builds_prefixes_from_own_parent() -> None:
+    g = ScriptedGenerator(default=tree_rule, tokenizer=TOK)
+    settings = SelfRagSettings(mode="always", decoding="long", beam_width=2, max_depth=3,
+                               segment_retrieval="static")
+    dec = SelfRagDecoder(g, TokenCritic(g), settings, GenerationParams(max_new_tokens=50))
+    passages = [hit("a", rank=1), hit("b", rank=2), hit("c", rank=3)]
+    answer = dec.long_form("Tell me about it.", lambda qs, k: [passages for _ in qs], 3)
+    depth1, depth2 = g.calls[0], g.calls[1]
+    assert len(g.calls) == 2 and len(depth1) == 3
+    assert len(depth2) == 6  # beam 2 (a, b) x 3 passages; c was pruned
+    assert not any("Gamma one." in p for p in depth2)
+    for p in depth2:  # each child extends exactly its own parent
+        assert ("Alpha one." in p) != ("Beta one." in p)
+        parent = "a" if "Alpha one." in p else "b"
+        assert p.startswith(PROMPT.replace("Where is the Eiffel Tower?", "Tell me about it.")
+                            + f"[Retrieval]<paragraph>T{parent}\ntext of {parent}</paragraph>[Relevant]"
+                            + ("Alpha one." if parent == "a" else "Beta one.") + "[Fully supported][Retrieval]")
+    assert answer.text == "Alpha one. [1] Alpha two. [1]"
+    assert [c.id for c in answer.citations] == ["a"]
+    tree = answer.trace["tree"]
+    assert len(tree) == 1 + 3 + 6 and tree[answer.trace["best_node"]]["depth"] == 2
+    alce = to_alce("Tell me about it.", answer)
+    assert alce["output"] == answer.text and alce["docs"][0]["id"] == "a"
+
+
+def test_tree_search_citations_point_at_each_segments_passage() -> None:
+    def rule(prompt: str) -> Generation:
+        if prompt.count("<paragraph>") >= 2:  # at depth 2 only passage b is any good
+            good = "text of b" in prompt.rsplit("<paragraph>", 1)[1]
+            return gen(["[Relevant]" if good else "[Irrelevant]", "Second." if good else "Bad."],
+                       [{"[Relevant]": 0.9 if good else 0.1, "[Irrelevant]": 0.1 if good else 0.9}])
+        good = "text of a" in prompt
+        return gen(["[Relevant]", "First."], [{"[Relevant]": 0.9 if good else 0.2,
+                                                 "[Irrelevant]": 0.1 if good else 0.8}],
+                   stop_at_retrieval=True)
+
+    g = ScriptedGenerator(default=rule, tokenizer=TOK)
+    settings = SelfRagSettings(mode="always", decoding="long", beam_width=1, max_depth=2,
+                               segment_retrieval="per_segment")
+    dec = SelfRagDecoder(g, TokenCritic(g), settings, GenerationParams(max_new_tokens=50))
+    queries: list[list[str]] = []
+
+    def search(qs: Sequence[str], k: int) -> list[list[Hit]]:
+        queries.append(list(qs))
+        return [[hit("a"), hit("b")] for _ in qs]
+
+    answer = dec.long_form("Q?", search, 2)
+    assert answer.text == "First. [1] Second. [2]"
+    assert [c.id for c in answer.citations] == ["a", "b"]
+    assert queries == [["Q?"], ["Q? First."]]  # per-segment: question + previous segment
+
+
+def test_compat_product_and_deepest_selection() -> None:
+    g = ScriptedGenerator(default=tree_rule, tokenizer=TOK)
+    settings = SelfRagSettings(mode="always", decoding="long", beam_width=3, max_depth=2,
+                               segment_retrieval="static", path_score="product", select="deepest")
+    dec = SelfRagDecoder(g, TokenCritic(g), settings, GenerationParams(max_new_tokens=50))
+    answer = dec.long_form("Q", lambda qs, k: [[hit("a"), hit("b"), hit("c")] for _ in qs], 3)
+    best = [n for n in answer.trace["tree"] if n["id"] == answer.trace["best_node"]][0]
+    assert best["depth"] == 2
+    scores = answer.scores
+    assert best["score"] == pytest.approx(math.prod(s.total for s in scores))
+
+
+def test_long_form_needs_reflection_tokens_and_pipeline_wiring() -> None:
+    g = ScriptedGenerator(default=candidate(0.9, "Paris", "full", 5), tokenizer=TOK)
+    config = PipelineConfig(name="s", kind="selfrag", selfrag={"mode": "always"}, retrieval={"top_k": 2})
+
+    class R:
+        def search_batch(self, qs: Sequence[str], k: int) -> list[list[Hit]]:
+            return [[hit("a"), hit("b")][:k] for _ in qs]
+
+    pipe = SelfRagPipeline(config, g, R())  # type: ignore[arg-type]
+    a = pipe.ask("Where?")
+    assert a.text == "Paris" and len(a.scores) == 2
+    assert a.to_json()["scores"][0].keys() >= {"s_rel", "s_sup", "s_use", "seq", "total"}
