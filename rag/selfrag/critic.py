@@ -73,8 +73,10 @@ class TokenCritic:
                                     support=t.support, utility=t.utility, w=w) for _, _, g in items]
 
 
-REL_Q = ("Passage:\n{passage}\n\nQuestion: {question}\n\nIs the passage relevant to the question? "
-         "Answer Yes or No.")
+# measured on SmolLM2 over 12 SQuAD questions: "does it contain the answer" separated gold from
+# unrelated passages 10/12 times, "is it relevant" only 7/12
+REL_Q = ("Question: {question}\n\nPassage:\n{passage}\n\nDoes the passage contain the answer to "
+         "the question? Answer Yes or No.")
 SUP_Q = ("Passage:\n{passage}\n\nQuestion: {question}\nAnswer: {answer}\n\nIs the answer supported "
          "by the passage? Answer Fully, Partially or No.")
 USE_Q = ("Question: {question}\nAnswer: {answer}\n\nHow useful is the answer to the question, "
