@@ -227,6 +227,26 @@ def chat(
         history.append(ChatMessage(role="assistant", content=text))
 
 
+@app.command()
+def serve(
+    pipeline: PipelineOpt = Path("pipelines/default.yaml"),
+    index: IndexOpt = None,
+    host: Annotated[str, typer.Option(help="bind address (loopback by default)")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="TCP port")] = 8000,
+    max_queue: Annotated[int, typer.Option(help="requests in flight before 429")] = 64,
+    timeout: Annotated[float, typer.Option(help="per-request timeout in seconds")] = 120.0,
+) -> None:
+    """Serve a pipeline over an OpenAI-compatible HTTP API (RAG_API_KEY enables auth)."""
+    from rag.service import ServiceLimits
+    from rag.service import serve as run_server
+    from rag.settings import get_settings
+
+    pipe = _pipeline(pipeline, index)
+    typer.echo(f"serving {pipe.config.name} on http://{host}:{port}/v1", err=True)
+    run_server(pipe, host=host, port=port, api_key=get_settings().api_key,
+               limits=ServiceLimits(max_queue=max_queue, timeout_s=timeout))
+
+
 models_app = typer.Typer(no_args_is_help=True, help="Packaged and local generator models.")
 app.add_typer(models_app, name="models")
 

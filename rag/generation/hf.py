@@ -153,10 +153,18 @@ class TransformersGenerator:
                                    prompt_tokens=int(prompt_len)))
         return gens
 
-    def stream(self, prompt: str, params: GenerationParams) -> Iterator[str]:
-        """Yield text pieces as they are generated (one prompt)."""
+    def stream(self, prompt: str, params: GenerationParams,
+               cancel: threading.Event | None = None) -> Iterator[str]:
+        """Yield text pieces as they are generated (one prompt); setting ``cancel`` stops the
+        generation at the next token."""
         import torch
-        from transformers import TextIteratorStreamer
+        from transformers import StoppingCriteria, StoppingCriteriaList, TextIteratorStreamer
+
+        stop_event = cancel or threading.Event()
+
+        class _Cancelled(StoppingCriteria):
+            def __call__(self, input_ids: Any, scores: Any, **kw: Any) -> bool:
+                return stop_event.is_set()
 
         tok, model = self.tokenizer, self.model
         enc = tok([prompt], return_tensors="pt", add_special_tokens=False).to(model.device)
@@ -167,7 +175,8 @@ class TransformersGenerator:
         def run() -> None:
             try:
                 with self._lock, torch.inference_mode():
-                    model.generate(**enc, **self._gen_kwargs(params), streamer=streamer)
+                    model.generate(**enc, **self._gen_kwargs(params), streamer=streamer,
+                                   stopping_criteria=StoppingCriteriaList([_Cancelled()]))
             except BaseException as e:  # surfaced in the consumer thread
                 errors.append(e)
                 streamer.end()
@@ -182,7 +191,8 @@ class TransformersGenerator:
             new = cut[len(emitted) - len(piece):] if len(cut) > len(emitted) - len(piece) else ""
             if new:
                 yield new
-            if hit:
+            if hit or stop_event.is_set():
+                stop_event.set()
                 break
         thread.join()
         if errors:

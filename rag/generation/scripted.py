@@ -7,6 +7,8 @@ so `rag.selfrag` can look reflection tokens up by string.
 
 from __future__ import annotations
 
+import threading
+import time
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
@@ -54,6 +56,8 @@ class ScriptedGenerator:
         self.default = default
         self._tokenizer = tokenizer or ScriptedTokenizer()
         self.calls: list[list[str]] = []
+        self.delay_s = 0.0  # simulated generation time per call (service tests)
+        self.stream_delay_s = 0.0
 
     def load(self) -> ScriptedGenerator:
         return self
@@ -72,11 +76,18 @@ class ScriptedGenerator:
 
     def generate(self, prompts: Sequence[str], params: GenerationParams) -> list[Generation]:
         self.calls.append(list(prompts))
+        if self.delay_s:
+            time.sleep(self.delay_s)
         return [self._one(p) for p in prompts]
 
-    def stream(self, prompt: str, params: GenerationParams) -> Iterator[str]:
+    def stream(self, prompt: str, params: GenerationParams,
+               cancel: threading.Event | None = None) -> Iterator[str]:
         text = self.generate([prompt], params)[0].text
         for i in range(0, len(text), 4):
+            if cancel is not None and cancel.is_set():
+                return
+            if self.stream_delay_s:
+                time.sleep(self.stream_delay_s)
             yield text[i : i + 4]
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import os
+import threading
 from collections.abc import Iterator, Sequence
 from typing import Any
 
@@ -150,7 +151,8 @@ class VLLMGenerator:
             raise GenerationError(f"vLLM rejected the request: {e}") from None
         return [to_generation(o, params) for o in outs]
 
-    def stream(self, prompt: str, params: GenerationParams) -> Iterator[str]:
+    def stream(self, prompt: str, params: GenerationParams,
+               cancel: threading.Event | None = None) -> Iterator[str]:
         """The offline engine has no token stream: yields the whole completion once.
         (The HTTP service streams through vLLM's async engine.)"""
         yield self.generate([prompt], params)[0].text
