@@ -247,6 +247,34 @@ def serve(
                limits=ServiceLimits(max_queue=max_queue, timeout_s=timeout))
 
 
+@app.command("eval")
+def eval_(
+    pipeline: Annotated[list[Path], typer.Option("--pipeline", "-p", help="pipeline YAML (repeat to compare)")],
+    data: Annotated[Path, typer.Option(help="question set file (or BEIR folder)")],
+    format: Annotated[str, typer.Option(help="auto|selfrag|flashrag|squad|nq|beir|arc|tsv")] = "auto",
+    index: IndexOpt = None,
+    limit: Annotated[Optional[int], typer.Option(help="first N questions")] = None,
+    out: Annotated[Path, typer.Option(help="output folder")] = Path("runs/eval"),
+    resume: Annotated[bool, typer.Option(help="keep finished predictions, do the rest")] = False,
+    batch_size: Annotated[int, typer.Option(help="questions per batched pipeline call")] = 16,
+    use_ctxs: Annotated[bool, typer.Option(help="use the data's pre-retrieved 'ctxs' passages")] = False,
+    check: Annotated[bool, typer.Option(help="fail if metrics drift from the pipeline's expected: block")] = False,
+    quiet: Quiet = False,
+) -> None:
+    """Evaluate pipelines on a question set: predictions.jsonl, summary.json, report.md."""
+    from rag.eval.runner import evaluate
+
+    summary = evaluate(pipeline, data, format=format, index=index, limit=limit, out=out,
+                       resume=resume, batch_size=batch_size, use_ctxs=use_ctxs, progress=not quiet)
+    for p in summary["pipelines"]:
+        shown = {k: round(v["mean"], 4) for k, v in p["metrics"].items()}
+        typer.echo(f"{p['pipeline']}: {json.dumps(shown)} ({p['seconds_per_question']:.3f} s/question)")
+    typer.echo(f"report: {out / 'report.md'}")
+    problems = [x for p in summary["pipelines"] for x in p["check"]]
+    if check and problems:
+        raise ConfigError("metrics drifted from expected: " + "; ".join(problems))
+
+
 models_app = typer.Typer(no_args_is_help=True, help="Packaged and local generator models.")
 app.add_typer(models_app, name="models")
 

@@ -81,7 +81,8 @@ def load_recipe(path: str | Path) -> IndexRecipe:
 
 
 class RetrievalConfig(_Config):
-    mode: Literal["dense", "bm25", "hybrid"] = "dense"
+    mode: Literal["dense", "bm25", "hybrid", "none"] = Field(
+        "dense", description="none: never retrieve, even when an index is given")
     top_k: int = Field(10, ge=1, le=1000, description="passages retrieved per query")
     context_chars: int = Field(2048, ge=1, description="character budget of the context string")
     device: Literal["auto", "cpu", "gpu"] = "auto"
@@ -134,7 +135,7 @@ class PipelineConfig(_Config):
     """A pipeline YAML (pipelines/*.yaml). ``extra="forbid"``: unknown keys are errors."""
 
     name: str
-    kind: Literal["chat", "selfrag"] = "chat"
+    kind: Literal["chat", "selfrag", "retrieval"] = "chat"
     index: str | None = Field(None, description="default index folder (--index overrides)")
     retrieval: RetrievalConfig = RetrievalConfig()
     generator: GeneratorConfig = GeneratorConfig()

@@ -88,29 +88,34 @@ class ChatRagPipeline:
         rewritten = self.generator.generate([prompt], GenerationParams(max_new_tokens=32))[0].text
         return remove_cruft(rewritten).splitlines()[0].strip() if rewritten.strip() else question
 
-    def prepare(self, conversations: Sequence[Sequence[ChatMessage]], *, top_k: int | None = None
-                ) -> list[tuple[str, list[Hit], float]]:
-        """Retrieve for every conversation in one batch; return (prompt, hits used, seconds)."""
+    def prepare(self, conversations: Sequence[Sequence[ChatMessage]], *, top_k: int | None = None,
+                hits: Sequence[Sequence[Hit]] | None = None) -> list[tuple[str, list[Hit], float]]:
+        """Retrieve for every conversation in one batch (or take pre-retrieved ``hits``);
+        return (prompt, hits used, seconds)."""
         k = top_k or self.config.retrieval.top_k
         for convo in conversations:
             self.format.render(convo)  # validate roles/order before any retrieval or generation
         t0 = time.perf_counter()
         hit_lists: list[list[Hit]] = [[] for _ in conversations]
-        if self.retriever is not None:
+        if hits is not None:
+            hit_lists = [list(h)[:k] for h in hits]
+        elif self.retriever is not None:
             hit_lists = self.retriever.search_batch([self._query(c) for c in conversations], k)
         t_ret = (time.perf_counter() - t0) / max(1, len(conversations))
         out = []
-        for convo, hits in zip(conversations, hit_lists, strict=True):
-            context, used = (build_context(hits, self.config.retrieval.context_chars,
-                                           self.format.extra_control) if self.retriever else ("", []))
-            prompt = self.format.render(convo, context if self.retriever is not None else None)
+        for convo, found in zip(conversations, hit_lists, strict=True):
+            with_context = self.retriever is not None or hits is not None
+            context, used = (build_context(found, self.config.retrieval.context_chars,
+                                           self.format.extra_control) if with_context else ("", []))
+            prompt = self.format.render(convo, context if with_context else None)
             out.append((prompt, used, t_ret))
         return out
 
     def chat_batch(self, conversations: Sequence[Sequence[ChatMessage]], *,
-                   top_k: int | None = None, params: GenerationParams | None = None) -> list[Answer]:
+                   top_k: int | None = None, params: GenerationParams | None = None,
+                   hits: Sequence[Sequence[Hit]] | None = None) -> list[Answer]:
         """Answer many conversations with one batched generation call."""
-        prepared = self.prepare(conversations, top_k=top_k)
+        prepared = self.prepare(conversations, top_k=top_k, hits=hits)
         t0 = time.perf_counter()
         gens = self.generator.generate([p for p, _, _ in prepared], self._params(params))
         t_gen = (time.perf_counter() - t0) / max(1, len(prepared))
@@ -151,10 +156,36 @@ def _clean_stream(pieces: Iterator[str]) -> Iterator[str]:
         yield text[len(emitted):]
 
 
+class RetrievalPipeline:
+    """Retrieval only (``kind: retrieval``): answers carry the ranked hits and no text. For
+    retrieval evaluation with the same retriever objects the other pipelines use."""
+
+    generator = None
+
+    def __init__(self, config: PipelineConfig, retriever: Retriever):
+        self.config, self.retriever = config, retriever
+
+    def chat_batch(self, conversations: Sequence[Sequence[ChatMessage]], *, top_k: int | None = None,
+                   hits: Sequence[Sequence[Hit]] | None = None, **_: Any) -> list[Answer]:
+        k = top_k or self.config.retrieval.top_k
+        t0 = time.perf_counter()
+        found = [list(h)[:k] for h in hits] if hits is not None else self.retriever.search_batch(
+            [last_user_message(c) for c in conversations], k)
+        t = (time.perf_counter() - t0) / max(1, len(conversations))
+        return [Answer(text="", hits=h, citations=citations(h), trace={"timings": {"retrieval_s": t}})
+                for h in found]
+
+
 def build_pipeline(config: PipelineConfig, *, index: str | Path | None = None,
                    generator: Generator | None = None, retriever: Retriever | None = None) -> Any:
     """Load the generator and retriever a config names (``index`` overrides the config's)."""
     g = config.generator
+    folder = index or config.index
+    if config.kind == "retrieval":
+        if retriever is None and (folder is None or config.retrieval.mode == "none"):
+            raise ConfigError(f"pipeline {config.name!r} is retrieval-only and needs an index (--index)")
+        return RetrievalPipeline(config, retriever or load_retriever(
+            folder, config.retrieval.mode, device=config.retrieval.device))  # type: ignore[arg-type]
     if generator is None:
         kw: dict[str, Any] = {"dtype": g.dtype}
         if g.backend == "hf":
@@ -164,8 +195,7 @@ def build_pipeline(config: PipelineConfig, *, index: str | Path | None = None,
         else:
             raise ConfigError("the scripted backend needs a generator object (tests and demos)")
         generator = load_generator(g.backend, g.model, **kw)
-    folder = index or config.index
-    if retriever is None and folder is not None:
+    if retriever is None and folder is not None and config.retrieval.mode != "none":
         retriever = load_retriever(folder, config.retrieval.mode, device=config.retrieval.device)
     if config.kind == "selfrag":
         from rag.selfrag.pipeline import SelfRagPipeline

