@@ -47,6 +47,7 @@ def index_build(
     batch_size: Annotated[Optional[int], typer.Option(help="passages per encode/checkpoint step")] = None,
     skip_bad_lines: Annotated[bool, typer.Option(help="record malformed lines instead of failing")] = False,
     device: Annotated[Optional[str], typer.Option(help="auto|cpu|gpu")] = None,
+    precision: Annotated[Optional[str], typer.Option(help="encoder precision: auto|fp32|bf16|fp16")] = None,
     force: Annotated[bool, typer.Option(help="rebuild even if up to date")] = False,
     quiet: Quiet = False,
 ) -> None:
@@ -59,6 +60,7 @@ def index_build(
     overrides = {k: v for k, v in {
         "corpus": corpus, "out": str(out) if out else None, "embedder": embedder,
         "factory": factory, "metric": metric, "batch_size": batch_size, "device": device,
+        "precision": precision,
     }.items() if v is not None}
     if format != "auto":
         overrides["format"] = format
@@ -133,12 +135,14 @@ def search(
     filter: Annotated[Optional[list[str]], typer.Option(help="KEY=VALUE metadata filter")] = None,
     nprobe: Annotated[Optional[int], typer.Option(help="IVF lists to visit")] = None,
     ef_search: Annotated[Optional[int], typer.Option(help="HNSW search breadth")] = None,
+    precision: Annotated[Optional[str], typer.Option(help="query encoder precision (default: the index's)")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="print JSON")] = False,
 ) -> None:
     """Search an index and print ranked passages."""
     from rag.retriever import load_retriever
 
-    extra = {k2: v for k2, v in {"nprobe": nprobe, "ef_search": ef_search}.items() if v}
+    extra = {k2: v for k2, v in {"nprobe": nprobe, "ef_search": ef_search,
+                                 "precision": precision}.items() if v}
     retriever = load_retriever(folder, mode, **extra)  # type: ignore[arg-type]
     hits = retriever.search(query, k, filter=_parse_filter(filter))
     if as_json:

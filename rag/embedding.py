@@ -41,10 +41,35 @@ class Embedder(Protocol):
     def encode_passages(self, texts: Sequence[str]) -> np.ndarray: ...
 
 
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+
+
 def identity(embedder: Embedder) -> dict[str, Any]:
-    """What an index records about its embedder and checks on load."""
+    """What an index records about its embedder (all but ``precision`` must match on load)."""
     return {"name": embedder.name, "dim": embedder.dim, "normalize": embedder.normalize,
-            "query_prompt": embedder.query_prompt, "passage_prompt": embedder.passage_prompt}
+            "query_prompt": embedder.query_prompt, "passage_prompt": embedder.passage_prompt,
+            "precision": getattr(embedder, "precision", "fp32")}
+
+
+def cpu_supports_bf16() -> bool:
+    """AVX512-BF16 or AMX-BF16 on this CPU (read from /proc/cpuinfo; False elsewhere)."""
+    try:
+        with open("/proc/cpuinfo", encoding="ascii", errors="ignore") as f:
+            flags = next((line for line in f if line.startswith("flags")), "")
+    except OSError:
+        return False
+    return " avx512_bf16" in flags or " amx_bf16" in flags
+
+
+def resolve_precision(precision: str, device: str) -> str:
+    """``auto``: fp16 on CUDA, bf16 on CPUs with native bf16 instructions, fp32 otherwise."""
+    if precision not in PRECISIONS:
+        raise ModelNotFoundError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
+    if precision != "auto":
+        return precision
+    if device.startswith("cuda"):
+        return "fp16"
+    return "bf16" if cpu_supports_bf16() else "fp32"
 
 
 def passage_text(title: str, text: str) -> str:
@@ -65,7 +90,8 @@ class SentenceTransformerEmbedder:
 
     def __init__(self, model: str = DEFAULT_EMBEDDER, *, device: str = "auto",
                  batch_size: int = 64, normalize: bool = True, query_prompt: str = "",
-                 passage_prompt: str = "", max_seq_length: int | None = None):
+                 passage_prompt: str = "", max_seq_length: int | None = None,
+                 precision: str = "fp32"):
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         self.name = model
@@ -75,7 +101,23 @@ class SentenceTransformerEmbedder:
         self.query_prompt = query_prompt
         self.passage_prompt = passage_prompt
         self.max_seq_length = max_seq_length
+        if precision not in PRECISIONS:
+            raise ModelNotFoundError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
+        self.requested_precision = precision
         self._model: Any = None
+
+    @property
+    def precision(self) -> str:
+        """The precision actually used (``auto`` resolved for this machine)."""
+        device = self.device
+        if device == "auto":
+            try:
+                import torch
+
+                device = "cuda" if torch.cuda.is_available() else "cpu"
+            except ImportError:
+                device = "cpu"
+        return resolve_precision(self.requested_precision, device)
 
     def load(self) -> SentenceTransformerEmbedder:
         if self._model is not None:
@@ -86,10 +128,10 @@ class SentenceTransformerEmbedder:
             raise missing_extra("sentence-transformers", "cpu") from None
         quiet_transformers()
         path = resolve_embedder_path(self.name)
+        import torch
+
         device = self.device
         if device == "auto":
-            import torch
-
             device = "cuda" if torch.cuda.is_available() else "cpu"
         try:
             self._model = SentenceTransformer(path, device=device, local_files_only=True)
@@ -99,6 +141,9 @@ class SentenceTransformerEmbedder:
                 f"or one of the packaged models: {', '.join(PACKAGED_EMBEDDERS)}") from None
         if self.max_seq_length:
             self._model.max_seq_length = self.max_seq_length
+        dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(self.precision)
+        if dtype is not None:
+            self._model.to(dtype)
         return self
 
     @property
@@ -115,9 +160,9 @@ class SentenceTransformerEmbedder:
         if not texts:
             return np.zeros((0, self.dim), dtype=np.float32)
         vecs = self.model.encode(
-            [prompt + t for t in texts], batch_size=self.batch_size, convert_to_numpy=True,
+            [prompt + t for t in texts], batch_size=self.batch_size, convert_to_tensor=True,
             normalize_embeddings=self.normalize, show_progress_bar=False)
-        return np.ascontiguousarray(vecs, dtype=np.float32)
+        return np.ascontiguousarray(vecs.float().cpu().numpy(), dtype=np.float32)
 
     def encode_queries(self, texts: Sequence[str]) -> np.ndarray:
         return self._encode(texts, self.query_prompt)
@@ -171,6 +216,7 @@ class HashingEmbedder:
         self.normalize = normalize
         self.query_prompt = ""
         self.passage_prompt = ""
+        self.precision = "fp32"
 
     @property
     def dim(self) -> int:
@@ -201,4 +247,5 @@ def load_embedder(name: str = DEFAULT_EMBEDDER, **kwargs: Any) -> Embedder:
         except ValueError:
             raise ModelNotFoundError(f"bad hashing embedder {name!r}; use hash:DIM, e.g. hash:64") from None
         return HashingEmbedder(dim, normalize=kwargs.get("normalize", True))
+    kwargs = {k: v for k, v in kwargs.items() if v is not None}
     return SentenceTransformerEmbedder(name, **kwargs)

@@ -113,7 +113,9 @@ class FaissIndex:
         try:
             index = faiss.index_factory(dim, factory, faiss_metric)
         except RuntimeError as e:
-            raise ConfigError(f"invalid FAISS factory string {factory!r}: {str(e).strip()}") from None
+            reason = " ".join(str(e).split()).rsplit(": ", 1)[-1]
+            raise ConfigError(f"invalid FAISS factory string {factory!r} ({reason}); examples: "
+                              "Flat, HNSW32, IVF1024,Flat, IVF4096,PQ64") from None
         return cls(index, metric=metric, device=device)
 
     @classmethod
@@ -249,7 +251,12 @@ def read_manifest(folder: str | Path) -> Manifest:
 def check_embedder(manifest: Manifest, embedder: Embedder, folder: str | Path) -> None:
     """Refuse an embedder that differs from the one the index was built with."""
     built, got = manifest.embedder, identity(embedder)
-    diffs = [f"{k}: index has {built.get(k)!r}, got {got[k]!r}" for k in got if built.get(k) != got[k]]
+    diffs = [f"{k}: index has {built.get(k)!r}, got {got[k]!r}" for k in got
+             if k != "precision" and built.get(k) != got[k]]
+    if built.get("precision", "fp32") != got["precision"]:
+        # compatible (same model, embeddings agree to ~0.998 cosine) but worth knowing
+        log.warning("index %s was built at %s precision; queries are encoded at %s",
+                    folder, built.get("precision", "fp32"), got["precision"])
     if diffs:
         raise IndexMismatchError(
             f"index {folder} was built with a different embedder ({'; '.join(diffs)}). "
@@ -259,14 +266,17 @@ def check_embedder(manifest: Manifest, embedder: Embedder, folder: str | Path) -
 
 def embedder_for(recipe: IndexRecipe) -> Embedder:
     return load_embedder(recipe.embedder, normalize=recipe.normalize,
-                         query_prompt=recipe.query_prompt, passage_prompt=recipe.passage_prompt)
+                         query_prompt=recipe.query_prompt, passage_prompt=recipe.passage_prompt,
+                         precision=recipe.precision)
 
 
 def embedder_from_manifest(manifest: Manifest, **overrides: Any) -> Embedder:
-    """The embedder an index was built with (``overrides``: device, batch_size...)."""
+    """The embedder an index was built with, at its precision (``overrides``: device,
+    batch_size, precision...)."""
     e = manifest.embedder
-    return load_embedder(e["name"], normalize=e["normalize"], query_prompt=e["query_prompt"],
-                         passage_prompt=e["passage_prompt"], **overrides)
+    kw = {"normalize": e["normalize"], "query_prompt": e["query_prompt"],
+          "passage_prompt": e["passage_prompt"], "precision": e.get("precision", "fp32"), **overrides}
+    return load_embedder(e["name"], **kw)
 
 
 def _progress(total: int | None, desc: str, enabled: bool) -> Any:
@@ -446,8 +456,9 @@ def build_index(recipe: IndexRecipe, *, embedder: Embedder | None = None,
         try:
             index.train(sample)
         except RuntimeError as e:
-            raise ConfigError(f"cannot train {recipe.factory} on {len(sample)} vectors: "
-                              f"{str(e).strip()[:300]}; use fewer lists/centroids") from None
+            reason = " ".join(str(e).split())[-300:]
+            raise ConfigError(f"cannot train {recipe.factory} on {len(sample)} vectors ({reason}); "
+                              "use fewer lists/centroids or a larger corpus") from None
     for vecs in shards.iter(0, count):
         index.add(vecs)
     index.save(partial / INDEX_FILE)

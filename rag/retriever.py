@@ -74,14 +74,16 @@ class DenseRetriever(_Base):
         device: ``auto`` (GPU when faiss-gpu sees one), ``cpu`` or ``gpu``.
         nprobe, ef_search: default IVF / HNSW search breadth (overridable per call).
         mmap: memory-map the index file instead of reading it (large indexes).
+        precision: query encoder precision (default: the one the index was built with).
     """
 
     def __init__(self, folder: str | Path, *, embedder: Embedder | None = None,
                  device: str = "auto", nprobe: int | None = None, ef_search: int | None = None,
-                 mmap: bool = False):
+                 mmap: bool = False, precision: str | None = None):
         self.folder = Path(folder)
         self.manifest: Manifest = read_manifest(self.folder)
-        self.embedder = embedder or embedder_from_manifest(self.manifest)
+        self.embedder = embedder or embedder_from_manifest(
+            self.manifest, **({"precision": precision} if precision else {}))
         check_embedder(self.manifest, self.embedder, self.folder)
         self.store = PassageStore(self.folder / STORE_FILE, readonly=True)
         self.index = FaissIndex.load(self.folder / INDEX_FILE, metric=self.manifest.metric,

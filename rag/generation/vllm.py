@@ -44,6 +44,10 @@ def engine_kwargs(model_path: str, *, cuda: bool, dtype: str, max_model_len: int
     else:
         kw["enforce_eager"] = True  # CPU: no graph compilation
         os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")  # GiB
+        if (os.cpu_count() or 1) <= 4:
+            # vLLM reserves one core for its front end; on a 2-core machine that halves the
+            # cores doing the work, so give them all to the worker (override by setting it)
+            os.environ.setdefault("VLLM_CPU_NUM_OF_RESERVED_CPU", "0")
     return kw
 
 

@@ -73,17 +73,20 @@ class TokenCritic:
                                     support=t.support, utility=t.utility, w=w) for _, _, g in items]
 
 
-# measured on SmolLM2 over 12 SQuAD questions: "does it contain the answer" separated gold from
-# unrelated passages 10/12 times, "is it relevant" only 7/12
-REL_Q = ("Question: {question}\n\nPassage:\n{passage}\n\nDoes the passage contain the answer to "
-         "the question? Answer Yes or No.")
-SUP_Q = ("Passage:\n{passage}\n\nQuestion: {question}\nAnswer: {answer}\n\nIs the answer supported "
-         "by the passage? Answer Fully, Partially or No.")
-USE_Q = ("Question: {question}\nAnswer: {answer}\n\nHow useful is the answer to the question, "
-         "from 1 (useless) to 5 (complete and helpful)? Reply with one digit.")
+# The three critique prompts about one (question, passage) start with the same text, so an
+# engine with prefix caching (vLLM) computes that part once. Measured on SmolLM2 over 12 SQuAD
+# questions: "does it contain the answer" separated gold from unrelated passages 10/12 times,
+# "is it relevant" only 7/12. The candidate prompt keeps the instruction first: 16/24 SQuAD
+# answers that way against 12/24 with the shared prefix.
+SHARED = "Question: {question}\n\nPassage:\n{passage}\n\n"
+CANDIDATE_Q = "Answer the question using the passage.\n\nPassage: {passage}\n\nQuestion: {question}"
+REL_Q = SHARED + "Does the passage contain the answer to the question? Answer Yes or No."
+SUP_Q = SHARED + ("Answer: {answer}\n\nIs the answer supported by the passage? Answer Fully, "
+                  "Partially or No.")
+USE_Q = SHARED + ("Answer: {answer}\n\nHow useful is the answer to the question, from 1 (useless) "
+                  "to 5 (complete and helpful)? Reply with one digit.")
 RET_Q = ("Question: {question}\n\nWould looking up documents help to answer this question "
          "correctly? Answer Yes or No.")
-CANDIDATE_Q = "Answer the question using the passage.\n\nPassage: {context}\n\nQuestion: {question}"
 
 
 class PromptedCritic:
@@ -135,7 +138,7 @@ class PromptedCritic:
 
     def candidate_prompt(self, question: str, passage: Passage) -> str:
         ctx = f"{passage.title}\n{passage.text}" if passage.title else passage.text
-        return self._chat(CANDIDATE_Q.format(context=ctx, question=self._q(question)))
+        return self._chat(CANDIDATE_Q.format(passage=ctx, question=self._q(question)))
 
     def candidate_params(self, base: GenerationParams) -> GenerationParams:
         return base
@@ -148,7 +151,7 @@ class PromptedCritic:
             answer = " ".join(g.text.split())
             prompts += [self._chat(REL_Q.format(passage=ctx, question=question)),
                         self._chat(SUP_Q.format(passage=ctx, question=question, answer=answer)),
-                        self._chat(USE_Q.format(question=question, answer=answer))]
+                        self._chat(USE_Q.format(passage=ctx, question=question, answer=answer))]
         if not prompts:
             return []
         ids = sorted(set(self.yes_no + self.support + self.utility))
