@@ -159,7 +159,8 @@ def read_corpus(
 # --- readers: yield Record, or a CorpusError for a bad line (the caller decides) ---------
 
 
-def _json_lines(path: Path) -> Iterator[tuple[int, dict[str, Any] | CorpusError]]:
+def json_lines(path: Path) -> Iterator[tuple[int, dict[str, Any] | CorpusError]]:
+    """(line number, object) per non-empty line; a bad line yields a `CorpusError` instead."""
     with path.open(encoding="utf-8") as f:
         for lineno, raw in enumerate(f, 1):
             if not raw.strip():
@@ -195,7 +196,7 @@ def _json_reader(
     hint: str,
 ) -> Callable[..., Iterator[Record | CorpusError]]:
     def read(path: Path, **_: Any) -> Iterator[Record | CorpusError]:
-        for lineno, obj in _json_lines(path):
+        for lineno, obj in json_lines(path):
             if isinstance(obj, CorpusError):
                 yield obj
                 continue

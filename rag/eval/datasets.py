@@ -13,7 +13,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from rag.corpus import squad_passage_id
+from rag.corpus import json_lines, squad_passage_id
 from rag.errors import CorpusError
 from rag.types import Passage
 
@@ -76,18 +76,10 @@ def detect_format(path: str | Path) -> str:
 
 
 def _jsonl(path: Path) -> Iterator[tuple[int, dict[str, Any]]]:
-    with path.open(encoding="utf-8") as f:
-        for lineno, raw in enumerate(f, 1):
-            if not raw.strip():
-                continue
-            try:
-                obj = json.loads(raw)
-            except json.JSONDecodeError as e:
-                raise CorpusError(f"invalid JSON ({e.msg} at column {e.colno})", source=str(path),
-                                  line=lineno) from None
-            if not isinstance(obj, dict):
-                raise CorpusError("expected a JSON object", source=str(path), line=lineno)
-            yield lineno, obj
+    for lineno, obj in json_lines(path):
+        if isinstance(obj, CorpusError):
+            raise obj
+        yield lineno, obj
 
 
 def _need(obj: dict[str, Any], key: str, path: Path, lineno: int, kind: type | tuple[type, ...]) -> Any:
