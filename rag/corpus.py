@@ -109,7 +109,7 @@ def iter_records(
     """Stream `Record`s from a corpus. See `read_corpus` for the arguments."""
     report = report if report is not None else ReadReport()
     fmt = detect_format(path) if format == "auto" else format
-    readers: dict[str, Callable[..., Iterator[Record]]] = {
+    readers: dict[str, Callable[..., Iterator[Record | CorpusError]]] = {
         "jsonl": _read_jsonl, "flashrag": _read_flashrag, "beir": _read_beir,
         "dpr": _read_dpr, "dir": _read_dir, "pydoc": _read_pydoc, "squad": _read_squad,
     }

@@ -35,7 +35,9 @@ def build_context(hits: Sequence[Hit], max_chars: int, extra_control: Sequence[s
     """Passages as ``title\\ntext``, newline-joined, cut to ``max_chars``; returns the context
     and the hits that made it in. Passages are neutralised before cutting, so a cut can never
     produce (or leave half of) a control string."""
-    parts, used, size = [], [], 0
+    parts: list[str] = []
+    used: list[Hit] = []
+    size = 0
     for h in hits:
         p = h.passage
         block = neutralize(f"{p.title}\n{p.text}" if p.title else p.text, extra_control)

@@ -166,7 +166,8 @@ def _squad(path: Path) -> Iterator[EvalItem]:
 def _beir(path: Path) -> Iterator[EvalItem]:
     folder = path if path.is_dir() else path.parent
     qrels_dir = folder / "qrels"
-    qrels_file = qrels_dir / "test.tsv" if (qrels_dir / "test.tsv").exists() else next(iter(sorted(qrels_dir.glob("*.tsv"))), None)
+    candidates = [qrels_dir / "test.tsv"] if (qrels_dir / "test.tsv").exists() else sorted(qrels_dir.glob("*.tsv"))
+    qrels_file = candidates[0] if candidates else None
     if qrels_file is None:
         raise CorpusError(f"no qrels/*.tsv next to {folder / 'queries.jsonl'}")
     gold: dict[str, list[str]] = {}

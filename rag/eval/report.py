@@ -46,8 +46,9 @@ def write_report(out: Path, summary: dict[str, Any]) -> Path:
         for i, p in enumerate(pipes):
             xs = [j + i * width for j in range(len(answer_metrics))]
             means = [p["metrics"].get(n, {}).get("mean", 0.0) for n in answer_metrics]
-            errs = [[m - p["metrics"].get(n, {}).get("ci95", [m, m])[0] for n, m in zip(answer_metrics, means)],
-                    [p["metrics"].get(n, {}).get("ci95", [m, m])[1] - m for n, m in zip(answer_metrics, means)]]
+            cis = [p["metrics"].get(n, {}).get("ci95", [m, m]) for n, m in zip(answer_metrics, means, strict=True)]
+            errs = [[m - ci[0] for m, ci in zip(means, cis, strict=True)],
+                    [ci[1] - m for m, ci in zip(means, cis, strict=True)]]
             ax.bar(xs, means, width, yerr=errs, capsize=3, label=p["pipeline"])
         ax.set_xticks([j + width * (len(pipes) - 1) / 2 for j in range(len(answer_metrics))], answer_metrics)
         ax.set_ylim(0, 1)

@@ -62,8 +62,8 @@ class TransformersGenerator:
         if device == "auto":
             device = "cuda" if torch.cuda.is_available() else "cpu"
         self._tokenizer = AutoTokenizer.from_pretrained(path)
-        self._model = AutoModelForCausalLM.from_pretrained(
-            path, dtype=_dtype(torch, self.dtype_name, device)).to(device).eval()
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=_dtype(torch, self.dtype_name, device))
+        self._model = model.to(device).eval()  # type: ignore[arg-type]
         self._setup_tokenizer()
         return self
 

@@ -102,8 +102,8 @@ class SelfRagDecoder:
         critiques = iter(self.critic.critique(items, self.weights))
         t_crit = time.perf_counter() - t2
         per_q: dict[int, list[tuple[Hit | None, Generation, Critique | None]]] = {}
-        for (i, h), g in zip(owners, gens, strict=True):
-            per_q.setdefault(i, []).append((h, g, next(critiques) if h else None))
+        for (i, maybe_hit), g in zip(owners, gens, strict=True):
+            per_q.setdefault(i, []).append((maybe_hit, g, next(critiques) if maybe_hit else None))
         n = max(1, len(questions))
         timings = {"retrieval_s": t_ret / n, "generation_s": t_gen / n, "critique_s": t_crit / n}
         return [self._short_answer(questions[i], decisions[i], per_q[i], timings, prompts)
@@ -171,7 +171,8 @@ class Node:
     node_id: int = 0
 
     def path(self) -> list[Node]:
-        out, node = [], self
+        out: list[Node] = []
+        node: Node | None = self
         while node is not None:
             out.append(node)
             node = node.parent

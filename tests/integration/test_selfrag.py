@@ -59,7 +59,7 @@ def test_tiny_selfrag_model_same_scores_on_both_backends(hf_tiny: Any, vllm_tiny
                 assert getattr(sx, field) == pytest.approx(getattr(sy, field), abs=1e-3), field
             assert 0.0 <= sx.s_rel <= 1.0 and -1.0 <= sx.s_use <= 1.0
     if settings.decoding == "long":
-        assert a[0].trace["tree"] and all("[" in c for c in a[0].text.split() if c.startswith("[")) 
+        assert a[0].trace["tree"] and all("[" in c for c in a[0].text.split() if c.startswith("["))
 
 
 def squad_pairs(n: int) -> list[tuple[str, Passage, Passage]]:

@@ -145,8 +145,10 @@ def test_exact_output_and_rag_extension(scripted_server: str, scripted: Scripted
         extra_body={"rag": {"top_k": 1, "include_trace": True}})
     assert r.choices[0].message.content == "Scripted answer."
     rag = r.model_extra["rag"]
-    assert rag["citations"] == [{"id": "n", "title": "Nile", "score": pytest.approx(rag["citations"][0]["score"])}]
-    assert rag["trace"]["prompt"].endswith("[Retrieval] <paragraph>Nile\nThe Nile is a long river in Africa.</paragraph>")
+    assert [(c["id"], c["title"]) for c in rag["citations"]] == [("n", "Nile")]
+    assert isinstance(rag["citations"][0]["score"], float)
+    expected_tail = "[Retrieval] <paragraph>Nile\nThe Nile is a long river in Africa.</paragraph>"
+    assert rag["trace"]["prompt"].endswith(expected_tail)
 
 
 def test_concurrent_requests_are_batched(scripted_server: str, scripted: ScriptedGenerator) -> None:
@@ -201,7 +203,8 @@ def test_bad_input_is_rejected_in_openai_error_shape(scripted_server: str, body:
 def test_unknown_role_through_the_openai_client(scripted_server: str) -> None:
     with pytest.raises(openai.BadRequestError, match="role 'tool'"):
         client(scripted_server).chat.completions.create(
-            model="scripted", messages=[{"role": "tool", "content": "x", "tool_call_id": "1"}])  # type: ignore[list-item]
+            model="scripted",
+            messages=[{"role": "tool", "content": "x", "tool_call_id": "1"}])  # type: ignore[list-item]
 
 
 def test_malformed_json_and_oversized_body(scripted_server: str) -> None:

@@ -64,7 +64,8 @@ def test_selfrag_formats() -> None:
     p = Passage(id="1", title="Hamlet", text="A tragedy by Shakespeare.")
     assert selfrag_paragraph(p) == "[Retrieval]<paragraph>Hamlet\nA tragedy by Shakespeare.</paragraph>"
     out = SelfRagFormat().render(msgs(("user", "Who wrote Hamlet?")), "Hamlet\nA tragedy.")
-    assert out == "### Instruction:\nWho wrote Hamlet?\n\n### Response:\n[Retrieval]<paragraph>Hamlet\nA tragedy.</paragraph>"
+    assert out == ("### Instruction:\nWho wrote Hamlet?\n\n### Response:\n"
+                   "[Retrieval]<paragraph>Hamlet\nA tragedy.</paragraph>")
 
 
 def test_mistral_inst_multi_turn_card_example() -> None:

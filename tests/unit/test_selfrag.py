@@ -148,7 +148,8 @@ def candidate(rel: float, text: str, sup: str, use: int) -> Generation:
                [{"[Relevant]": rel, "[Irrelevant]": 1 - rel}, {}, sup_probs, {f"[Utility:{use}]": 0.9}])
 
 
-def decoder(script: list, settings: SelfRagSettings, default: Generation | None = None) -> tuple[SelfRagDecoder, ScriptedGenerator]:  # type: ignore[type-arg]
+def decoder(script: list, settings: SelfRagSettings,  # type: ignore[type-arg]
+            default: Generation | None = None) -> tuple[SelfRagDecoder, ScriptedGenerator]:
     g = ScriptedGenerator(script, default=default, tokenizer=TOK)
     return SelfRagDecoder(g, TokenCritic(g), settings, GenerationParams(max_new_tokens=50)), g
 
