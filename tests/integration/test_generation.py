@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from pathlib import Path
 from typing import Any
 
@@ -138,3 +139,23 @@ def test_rag_ask_json_subprocess(tmp_path: Path) -> None:
     out = json.loads(r.stdout)
     assert "Kelmora" in out["answer"]
     assert out["citations"][0]["id"] == "z" and set(out["citations"][0]) == {"id", "title", "score"}
+
+
+def test_rag_chat_subprocess_streams_and_shows_sources(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    corpus = tmp_path / "c.jsonl"
+    corpus.write_text(json.dumps({"id": "z", "title": "Zorblax Prize", "text": PASSAGE}) + "\n")
+    build_index(IndexRecipe(name="z", corpus=str(corpus), out=str(tmp_path / "idx")), progress=False)
+    pipeline = tmp_path / "p.yaml"
+    pipeline.write_text("name: p\nretrieval: {top_k: 1}\ngeneration: {max_new_tokens: 24}\n"
+                        "prompt: {format: hf_template, context_position: user}\n")
+    rag = str(Path(sys.executable).with_name("rag"))
+    r = subprocess.run([rag, "chat", "--pipeline", str(pipeline), "--index", str(tmp_path / "idx")],
+                       input=f"{QUESTION}\n/sources\nAnd who gets it?\n/quit\n", capture_output=True,
+                       text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    turns = re.findall(r"rag> (.*)", r.stdout)  # input() writes "you> " prompts on the same lines
+    assert len(turns) == 2 and "Kelmora" in turns[0]
+    assert "[1] Zorblax Prize (z)" in r.stdout
