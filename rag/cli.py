@@ -186,13 +186,28 @@ def ask(
 def chat(
     pipeline: PipelineOpt = Path("pipelines/default.yaml"),
     index: IndexOpt = None,
+    save: Annotated[Optional[Path], typer.Option(help="append the chat as interactions JSONL")] = None,
+    resume: Annotated[Optional[Path], typer.Option(help="continue the last conversation of an interactions JSONL")] = None,
 ) -> None:
     """Interactive multi-turn chat with streaming. /sources shows the last turn's passages,
     /reset clears the history, /quit (or Ctrl-D) leaves."""
+    from rag.prompts.interactions import read_interactions, to_interactions
     from rag.types import ChatMessage
 
     pipe = _pipeline(pipeline, index)
     history: list[ChatMessage] = []
+    if resume is not None:
+        for convo in read_interactions(resume):
+            history = convo
+    if save is not None:
+        import atexit
+
+        def _save() -> None:
+            if history:
+                with save.open("a", encoding="utf-8") as f:
+                    f.write(json.dumps(to_interactions(history), ensure_ascii=False) + "\n")
+
+        atexit.register(_save)
     last_hits: list[Any] = []
     typer.echo("rag chat - /sources, /reset, /quit", err=True)
     while True:
@@ -277,6 +292,36 @@ def eval_(
     problems = [x for p in summary["pipelines"] for x in p["check"]]
     if check and problems:
         raise ConfigError("metrics drifted from expected: " + "; ".join(problems))
+
+
+@app.command()
+def export(
+    predictions: Annotated[Path, typer.Argument(help="an eval predictions.jsonl")],
+    to: Annotated[str, typer.Option(help="interactions | text")] = "interactions",
+    out: Annotated[Optional[Path], typer.Option(help="output JSONL (default: stdout)")] = None,
+) -> None:
+    """Export eval traces as Mistral fine-tuning JSONL (question -> user, prediction -> assistant)."""
+    from rag.corpus import json_lines
+    from rag.prompts.interactions import to_interactions, to_text
+    from rag.types import ChatMessage
+
+    if to not in ("interactions", "text"):
+        raise ConfigError(f"--to must be interactions or text, got {to!r}")
+    convert = to_interactions if to == "interactions" else to_text
+    lines = []
+    for lineno, rec in json_lines(predictions):
+        if isinstance(rec, RagError):
+            raise rec
+        if "question" not in rec or "prediction" not in rec:
+            raise ConfigError(f"{predictions}:{lineno}: not an eval record (needs question, prediction)")
+        lines.append(json.dumps(convert([ChatMessage(role="user", content=rec["question"]),
+                                         ChatMessage(role="assistant", content=rec["prediction"])]),
+                                ensure_ascii=False))
+    text = "".join(line + "\n" for line in lines)
+    if out is None:
+        typer.echo(text, nl=False)
+    else:
+        out.write_text(text, encoding="utf-8")
 
 
 models_app = typer.Typer(no_args_is_help=True, help="Packaged and local generator models.")

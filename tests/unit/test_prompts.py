@@ -121,3 +121,24 @@ def test_remove_cruft_handles_everything_the_original_missed() -> None:
     assert remove_cruft(raw) == "Paris is the capital. More text"
     assert remove_cruft("[Continue to Use Evidence]ok<paragraph>") == "ok"
     assert all(remove_cruft(t) == "" for t in REFLECTION_TOKENS)
+
+
+def test_interactions_round_trip_and_text_export(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    import json
+
+    from rag.errors import CorpusError
+    from rag.prompts.interactions import read_interactions, to_interactions, to_text
+
+    f = tmp_path / "c.jsonl"
+    rows = [{"interactions": [{"is_user": True, "text": "Hi"}, {"is_user": False, "text": "Hello!"},
+                              {"is_user": True, "text": "Bye"}]}]
+    f.write_text("".join(json.dumps(r) + "\n" for r in rows) + '{"interactions": [{"is_user": "yes", "text": "x"}]}\n')
+    convos = read_interactions(f)
+    first = next(convos)
+    assert [(m.role, m.content) for m in first] == [("user", "Hi"), ("assistant", "Hello!"), ("user", "Bye")]
+    assert to_interactions(first) == rows[0]
+    with pytest.raises(CorpusError, match=r"c\.jsonl:2: interactions\[0\] must be"):
+        next(convos)
+    assert to_text(msgs(("user", "Hi"), ("assistant", "Hello!"))) == {"text": "<s>[INST] Hi [/INST]Hello!</s>"}
+    with pytest.raises(PromptError, match="only user and assistant"):
+        to_interactions(msgs(("system", "s"), ("user", "u")))
