@@ -187,7 +187,7 @@ def chat(
     pipeline: PipelineOpt = Path("pipelines/default.yaml"),
     index: IndexOpt = None,
     save: Annotated[Optional[Path], typer.Option(help="append the chat as interactions JSONL")] = None,
-    resume: Annotated[Optional[Path], typer.Option(help="continue the last conversation of an interactions JSONL")] = None,
+    resume: Annotated[Optional[Path], typer.Option(help="continue the last chat in an interactions JSONL")] = None,
 ) -> None:
     """Interactive multi-turn chat with streaming. /sources shows the last turn's passages,
     /reset clears the history, /quit (or Ctrl-D) leaves."""
