@@ -40,17 +40,18 @@ def write_report(out: Path, summary: dict[str, Any]) -> Path:
     lines.append("")
 
     answer_metrics = [n for n in names if not n.startswith(("recall", "mrr", "ndcg"))]
-    if answer_metrics:
-        fig, ax = plt.subplots(figsize=(1.6 + 1.2 * len(answer_metrics) * len(pipes) / 2, 3.5))
-        width = 0.8 / max(1, len(pipes))
-        for i, p in enumerate(pipes):
+    answering = [p for p in pipes if any(n in p["metrics"] for n in answer_metrics)]
+    if answer_metrics and answering:
+        fig, ax = plt.subplots(figsize=(2.5 + 1.4 * len(answer_metrics), 3.5))
+        width = 0.8 / len(answering)
+        for i, p in enumerate(answering):
             xs = [j + i * width for j in range(len(answer_metrics))]
             means = [p["metrics"].get(n, {}).get("mean", 0.0) for n in answer_metrics]
             cis = [p["metrics"].get(n, {}).get("ci95", [m, m]) for n, m in zip(answer_metrics, means, strict=True)]
             errs = [[m - ci[0] for m, ci in zip(means, cis, strict=True)],
                     [ci[1] - m for m, ci in zip(means, cis, strict=True)]]
             ax.bar(xs, means, width, yerr=errs, capsize=3, label=p["pipeline"])
-        ax.set_xticks([j + width * (len(pipes) - 1) / 2 for j in range(len(answer_metrics))], answer_metrics)
+        ax.set_xticks([j + width * (len(answering) - 1) / 2 for j in range(len(answer_metrics))], answer_metrics)
         ax.set_ylim(0, 1)
         ax.set_ylabel("mean (95% CI)")
         ax.legend(fontsize=7)
