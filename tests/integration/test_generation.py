@@ -127,32 +127,34 @@ def test_pipeline_with_vllm_answers_from_retrieved_passage(vllm_smollm: Any, tmp
     assert "Kelmora" in answer.text and answer.citations[0].id == "z"
 
 
-def test_rag_ask_json_subprocess(tmp_path: Path) -> None:
+@pytest.fixture()
+def zorblax(tmp_path: Path) -> tuple[Path, Path]:
+    """A one-passage index and a pipeline YAML for the CLI tests."""
     corpus = tmp_path / "c.jsonl"
     corpus.write_text(json.dumps({"id": "z", "title": "Zorblax Prize", "text": PASSAGE}) + "\n")
     build_index(IndexRecipe(name="z", corpus=str(corpus), out=str(tmp_path / "idx")), progress=False)
     pipeline = tmp_path / "p.yaml"
     pipeline.write_text("name: p\nretrieval: {top_k: 1}\ngeneration: {max_new_tokens: 24}\n"
                         "prompt: {format: hf_template, context_position: user}\n")
-    r = run_cli("ask", "--pipeline", str(pipeline), "--index", str(tmp_path / "idx"), QUESTION, "--json")
+    return tmp_path / "idx", pipeline
+
+
+def test_rag_ask_json_subprocess(zorblax: tuple[Path, Path]) -> None:
+    index, pipeline = zorblax
+    r = run_cli("ask", "--pipeline", str(pipeline), "--index", str(index), QUESTION, "--json")
     assert r.returncode == 0, r.stderr
     out = json.loads(r.stdout)
     assert "Kelmora" in out["answer"]
     assert out["citations"][0]["id"] == "z" and set(out["citations"][0]) == {"id", "title", "score"}
 
 
-def test_rag_chat_subprocess_streams_and_shows_sources(tmp_path: Path) -> None:
+def test_rag_chat_subprocess_streams_and_shows_sources(zorblax: tuple[Path, Path]) -> None:
     import subprocess
     import sys
 
-    corpus = tmp_path / "c.jsonl"
-    corpus.write_text(json.dumps({"id": "z", "title": "Zorblax Prize", "text": PASSAGE}) + "\n")
-    build_index(IndexRecipe(name="z", corpus=str(corpus), out=str(tmp_path / "idx")), progress=False)
-    pipeline = tmp_path / "p.yaml"
-    pipeline.write_text("name: p\nretrieval: {top_k: 1}\ngeneration: {max_new_tokens: 24}\n"
-                        "prompt: {format: hf_template, context_position: user}\n")
+    index, pipeline = zorblax
     rag = str(Path(sys.executable).with_name("rag"))
-    r = subprocess.run([rag, "chat", "--pipeline", str(pipeline), "--index", str(tmp_path / "idx")],
+    r = subprocess.run([rag, "chat", "--pipeline", str(pipeline), "--index", str(index)],
                        input=f"{QUESTION}\n/sources\nAnd who gets it?\n/quit\n", capture_output=True,
                        text=True, timeout=300)
     assert r.returncode == 0, r.stderr
