@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -16,6 +16,9 @@ Metric = Literal["ip", "l2"]
 
 class _Config(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+_ConfigT = TypeVar("_ConfigT", bound=_Config)
 
 
 class IndexRecipe(_Config):
@@ -73,13 +76,18 @@ def validation_message(path: str | Path, err: ValidationError) -> str:
     return f"{path}: " + "; ".join(parts)
 
 
-def load_recipe(path: str | Path) -> IndexRecipe:
-    """Read an index recipe YAML; errors name the file and the field."""
+def _load(path: str | Path, model: type[_ConfigT]) -> _ConfigT:
+    """Read a YAML file into ``model``; errors name the file and the field."""
     data = load_yaml(path)
     try:
-        return IndexRecipe(**data)
+        return model(**data)
     except ValidationError as e:
         raise ConfigError(validation_message(path, e)) from None
+
+
+def load_recipe(path: str | Path) -> IndexRecipe:
+    """Read an index recipe YAML; errors name the file and the field."""
+    return _load(path, IndexRecipe)
 
 
 class RetrievalConfig(_Config):
@@ -159,8 +167,4 @@ class PipelineConfig(_Config):
 
 def load_pipeline_config(path: str | Path) -> PipelineConfig:
     """Read a pipeline YAML; errors name the file and the field."""
-    data = load_yaml(path)
-    try:
-        return PipelineConfig(**data)
-    except ValidationError as e:
-        raise ConfigError(validation_message(path, e)) from None
+    return _load(path, PipelineConfig)
