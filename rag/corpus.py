@@ -120,6 +120,9 @@ def iter_records(
     for item in readers[fmt](Path(path), chunk_size=chunk_size, chunk_stride=chunk_stride):
         if isinstance(item, CorpusError):
             if not skip_bad_lines:
+                if item.line:  # a bad record, not a bad file: say how to go on without it
+                    item.args = (f"{item} (fix the line, or pass --skip-bad-lines to record "
+                                 "such lines in report.json and go on)",)
                 raise item
             report.bad_lines.append({"source": item.source, "line": item.line, "error": str(item)})
             continue

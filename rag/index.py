@@ -24,7 +24,7 @@ import time
 from collections.abc import Iterator, Sequence
 from importlib import metadata
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from pydantic import BaseModel, ConfigDict
@@ -34,6 +34,9 @@ from rag.corpus import ReadReport, Record, corpus_fingerprint, iter_records
 from rag.embedding import Embedder, identity, load_embedder, passage_text
 from rag.errors import ConfigError, IndexMismatchError, IndexNotFoundError, missing_extra
 from rag.store import PassageStore
+
+if TYPE_CHECKING:
+    from rag.distributed import RayOptions
 
 log = logging.getLogger(__name__)
 
@@ -390,6 +393,7 @@ def _encode_into(partial: Path, store: PassageStore, records: Iterator[Record],
 def _publish(partial: Path, out: Path) -> None:
     """Replace ``out`` with the finished ``partial`` folder."""
     shutil.rmtree(partial / "emb", ignore_errors=True)
+    shutil.rmtree(partial / "todo", ignore_errors=True)  # ray builds' window texts
     for leftover in partial.glob("passages.db-*"):  # SQLite WAL/SHM, checkpointed on close
         leftover.unlink()
     old = out.with_name(out.name + ".old")
@@ -410,11 +414,12 @@ def _build_key(recipe: IndexRecipe, embedder: Embedder, fingerprint: str) -> str
 
 
 def build_index(recipe: IndexRecipe, *, embedder: Embedder | None = None,
-                progress: bool = True, force: bool = False) -> Manifest:
+                progress: bool = True, force: bool = False, ray: RayOptions | None = None) -> Manifest:
     """Build ``recipe.out_dir()`` from the corpus; resume an interrupted build of the same recipe.
 
     An existing index built from the same corpus bytes and settings is kept as it is unless
-    ``force`` is given.
+    ``force`` is given. ``ray`` spreads the encoding over a Ray cluster (`rag.distributed`);
+    the result is the same index.
 
     Raises:
         CorpusError: malformed record (file:line), duplicate id.
@@ -431,11 +436,12 @@ def build_index(recipe: IndexRecipe, *, embedder: Embedder | None = None,
         if existing.build_key == key:
             log.info("%s is up to date", out)
             return existing
+    mode = "ray" if ray else "local"
     if partial.exists():
         with PassageStore(partial / STORE_FILE) as old:
-            stale = old.get_state("key") not in (None, key)
+            stale = old.get_state("key") not in (None, key) or old.get_state("mode") not in (None, mode)
         if stale:
-            log.warning("discarding %s: it was started with another corpus or settings", partial)
+            log.warning("discarding %s: it was started with another corpus, settings or --ray", partial)
             shutil.rmtree(partial)
     partial.mkdir(parents=True, exist_ok=True)
     report = ReadReport()
@@ -444,7 +450,14 @@ def build_index(recipe: IndexRecipe, *, embedder: Embedder | None = None,
                            report=report)
     with PassageStore(partial / STORE_FILE) as store:
         store.set_state("key", key)
-        _encode_into(partial, store, records, embedder, recipe, key, progress)
+        store.set_state("mode", mode)
+        if ray:
+            from rag.distributed import encode_with_ray
+
+            spec = {k: v for k, v in identity(embedder).items() if k != "dim"}
+            encode_with_ray(partial, store, records, spec, recipe.batch_size, key, ray, progress)
+        else:
+            _encode_into(partial, store, records, embedder, recipe, key, progress)
         count = len(store)
     index = FaissIndex.create(embedder.dim, recipe.factory, recipe.metric, recipe.device)
     shards = _Shards(partial)
