@@ -50,7 +50,8 @@ def index_build(
     batch_size: Annotated[Optional[int], typer.Option(help="passages per encode/checkpoint step")] = None,
     skip_bad_lines: Annotated[bool, typer.Option(help="record malformed lines instead of failing")] = False,
     device: Annotated[Optional[str], typer.Option(help="auto|cpu|gpu")] = None,
-    precision: Annotated[Optional[str], typer.Option(help="encoder precision: auto|fp32|bf16|fp16")] = None,
+    precision: Annotated[Optional[str], typer.Option(
+        help="encoder precision: auto|fp32|bf16|fp16|int8 (int8 needs the int8 extra)")] = None,
     force: Annotated[bool, typer.Option(help="rebuild even if up to date")] = False,
     ray: Annotated[Optional[str], typer.Option(
         "--ray", metavar="[ADDRESS]",

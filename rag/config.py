@@ -41,8 +41,9 @@ class IndexRecipe(_Config):
     skip_bad_lines: bool = False
     train_size: int | None = Field(None, ge=1, description="vectors sampled to train IVF/PQ")
     device: Literal["auto", "cpu", "gpu"] = "auto"
-    precision: Literal["auto", "fp32", "bf16", "fp16"] = Field(
-        "fp32", description="encoder precision: auto = fp16 on CUDA, bf16 on CPUs with bf16 units")
+    precision: Literal["auto", "fp32", "bf16", "fp16", "int8"] = Field(
+        "fp32", description="encoder precision: auto = fp16 on CUDA, bf16 on CPUs with bf16 units; "
+                "int8 = quantised ONNX on ONNX Runtime (CPU, the int8 extra)")
 
     @field_validator("factory")
     @classmethod

@@ -41,7 +41,7 @@ class Embedder(Protocol):
     def encode_passages(self, texts: Sequence[str]) -> np.ndarray: ...
 
 
-PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+PRECISIONS = ("auto", "fp32", "bf16", "fp16", "int8")
 
 
 def identity(embedder: Embedder) -> dict[str, Any]:
@@ -65,6 +65,9 @@ def resolve_precision(precision: str, device: str) -> str:
     """``auto``: fp16 on CUDA, bf16 on CPUs with native bf16 instructions, fp32 otherwise."""
     if precision not in PRECISIONS:
         raise ModelNotFoundError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
+    if precision == "int8" and device.startswith("cuda"):
+        raise ModelNotFoundError("int8 encoding runs on ONNX Runtime's CPU kernels; use fp16 on CUDA "
+                                 "(or --device cpu)")
     if precision != "auto":
         return precision
     if device.startswith("cuda"):
@@ -110,7 +113,7 @@ class SentenceTransformerEmbedder:
     def precision(self) -> str:
         """The precision actually used (``auto`` resolved for this machine)."""
         device = self.device
-        if device == "auto":
+        if device == "auto" and self.requested_precision != "int8":
             try:
                 import torch
 
@@ -132,7 +135,7 @@ class SentenceTransformerEmbedder:
 
         device = self.device
         if device == "auto":
-            device = "cuda" if torch.cuda.is_available() else "cpu"
+            device = "cuda" if torch.cuda.is_available() and self.requested_precision != "int8" else "cpu"
         try:
             self._model = SentenceTransformer(path, device=device, local_files_only=True)
         except OSError as e:
@@ -141,6 +144,11 @@ class SentenceTransformerEmbedder:
                 f"or one of the packaged models: {', '.join(PACKAGED_EMBEDDERS)}") from None
         if self.max_seq_length:
             self._model.max_seq_length = self.max_seq_length
+        if self.precision == "int8":
+            from rag.quantize import use_int8_onnx
+
+            use_int8_onnx(self._model, path)
+            return self
         dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(self.precision)
         if dtype is not None:
             self._model.to(dtype)
