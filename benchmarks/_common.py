@@ -20,6 +20,17 @@ def timed(fn: Callable[[], Any]) -> tuple[Any, float]:
     return out, time.perf_counter() - t
 
 
+def median_ms(fn: Callable[[str], Any], queries: list[str], n: int = 50) -> float:
+    """Median wall time of ``fn(query)`` over the first ``n`` queries, after one warm-up call."""
+    fn(queries[0])
+    times = []
+    for q in queries[:n]:
+        t = time.perf_counter()
+        fn(q)
+        times.append(time.perf_counter() - t)
+    return sorted(times)[len(times) // 2] * 1000
+
+
 def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 

@@ -10,28 +10,17 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import sys
 import tempfile
-import time
 import warnings
 from pathlib import Path
 
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import minilm_path, scifact, table, timed  # noqa: E402
+from _common import median_ms, minilm_path, scifact, table, timed  # noqa: E402
 
 warnings.filterwarnings("ignore")
-
-
-def latency_ms(fn, queries: list[str], n: int = 50) -> float:  # type: ignore[no-untyped-def]
-    times = []
-    for q in queries[:n]:
-        t = time.perf_counter()
-        fn(q)
-        times.append(time.perf_counter() - t)
-    return statistics.median(times) * 1000
 
 
 def main() -> None:
@@ -73,14 +62,14 @@ def main() -> None:
         _, t_lc = timed(lambda: [lc.similarity_search(q, k=10) for q in qs])
         _, t_lc_batch = timed(lambda: lc.as_retriever(search_kwargs={"k": 10}).batch(qs))
         rows = [
-            ["rag search_batch", round(len(qs) / t_ours, 1), round(latency_ms(lambda q: ours.search(q, 10), qs), 2)],
-            ["raw encode+faiss", round(len(qs) / t_raw, 1), round(latency_ms(lambda q: raw_batch([q]), qs), 2)],
+            ["rag search_batch", round(len(qs) / t_ours, 1), round(median_ms(lambda q: ours.search(q, 10), qs), 2)],
+            ["raw encode+faiss", round(len(qs) / t_raw, 1), round(median_ms(lambda q: raw_batch([q]), qs), 2)],
             ["langchain similarity_search loop", round(len(qs) / t_lc, 1),
-             round(latency_ms(lambda q: lc.similarity_search(q, k=10), qs), 2)],
+             round(median_ms(lambda q: lc.similarity_search(q, k=10), qs), 2)],
             ["langchain retriever.batch", round(len(qs) / t_lc_batch, 1), ""],
         ]
         q1 = np.asarray(model.encode(qs[:1], normalize_embeddings=True), np.float32)
-        search_only = latency_ms(lambda q: raw.search(q1, 10), qs)
+        search_only = median_ms(lambda q: raw.search(q1, 10), qs)
     print(f"{len(qs)} SciFact queries over {len(docs)} passages, top-10, all-MiniLM-L6-v2 fp32 CPU")
     print(table(rows, ["method", "batch QPS", "single-query ms (median)"]))
     print(f"rag / raw batch QPS ratio: {t_raw / t_ours:.3f} (target >= 0.9)")

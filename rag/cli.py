@@ -61,7 +61,7 @@ def index_build(
                                                            "--ray-cpus-per-actor CPUs)")] = None,
     ray_cpus_per_actor: Annotated[int, typer.Option(help="CPU threads per actor on CPU clusters")] = 1,
     ray_window: Annotated[Optional[int], typer.Option(help="passages per Ray task and checkpoint "
-                                                           "(default 8 x batch size)")] = None,
+                                                           "(default: --batch-size)")] = None,
     quiet: Quiet = False,
 ) -> None:
     """Build an index from a corpus (or a recipe); resumes an interrupted build."""

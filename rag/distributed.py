@@ -43,7 +43,7 @@ class RayOptions:
             joins that cluster.
         actors: embedder actors (default: one per GPU, else one per ``cpus_per_actor`` CPUs).
         cpus_per_actor: CPU threads per actor on CPU-only clusters.
-        window: passages per task and per checkpoint shard (default 8 x the recipe's batch).
+        window: passages per task and per checkpoint shard (default: the recipe's batch size).
     """
 
     address: str | None = None
@@ -178,7 +178,7 @@ def encode_with_ray(partial: Path, store: PassageStore, records: Iterator[Record
     """
     from rag.index import _progress, _Shards
 
-    window = opts.window or 8 * batch_size
+    window = opts.window or batch_size
     bar = _progress(None, "reading (ray build)", progress)
     try:
         _write_windows(partial, store, records, window, key, bar)

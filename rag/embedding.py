@@ -89,17 +89,21 @@ class SentenceTransformerEmbedder:
         device: ``auto`` (CUDA when available), ``cpu``, ``cuda``, ``cuda:1``...
         normalize: L2-normalise vectors (inner product = cosine).
         query_prompt, passage_prompt: prefixes some encoders need (e5: ``query: ``).
+        batch_size, query_batch_size: texts per forward pass; queries default to 16 on CPU
+            (short texts pad less in small batches: 1.25-1.4x faster than 64, measured) and to
+            ``batch_size`` on CUDA.
     """
 
     def __init__(self, model: str = DEFAULT_EMBEDDER, *, device: str = "auto",
                  batch_size: int = 64, normalize: bool = True, query_prompt: str = "",
                  passage_prompt: str = "", max_seq_length: int | None = None,
-                 precision: str = "fp32"):
-        if batch_size < 1:
-            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+                 precision: str = "fp32", query_batch_size: int | None = None):
+        if batch_size < 1 or (query_batch_size is not None and query_batch_size < 1):
+            raise ValueError(f"batch sizes must be >= 1, got {batch_size} and {query_batch_size}")
         self.name = model
         self.device = device
         self.batch_size = batch_size
+        self.query_batch_size = query_batch_size
         self.normalize = normalize
         self.query_prompt = query_prompt
         self.passage_prompt = passage_prompt
@@ -164,19 +168,20 @@ class SentenceTransformerEmbedder:
         get = getattr(model, "get_embedding_dimension", None) or model.get_sentence_embedding_dimension
         return int(get())
 
-    def _encode(self, texts: Sequence[str], prompt: str) -> np.ndarray:
+    def _encode(self, texts: Sequence[str], prompt: str, batch_size: int) -> np.ndarray:
         if not texts:
             return np.zeros((0, self.dim), dtype=np.float32)
         vecs = self.model.encode(
-            [prompt + t for t in texts], batch_size=self.batch_size, convert_to_tensor=True,
+            [prompt + t for t in texts], batch_size=batch_size, convert_to_tensor=True,
             normalize_embeddings=self.normalize, show_progress_bar=False)
         return np.ascontiguousarray(vecs.float().cpu().numpy(), dtype=np.float32)
 
     def encode_queries(self, texts: Sequence[str]) -> np.ndarray:
-        return self._encode(texts, self.query_prompt)
+        size = self.query_batch_size or (self.batch_size if self.model.device.type == "cuda" else 16)
+        return self._encode(texts, self.query_prompt, size)
 
     def encode_passages(self, texts: Sequence[str]) -> np.ndarray:
-        return self._encode(texts, self.passage_prompt)
+        return self._encode(texts, self.passage_prompt, self.batch_size)
 
 
 def resolve_embedder_path(name: str) -> str:
