@@ -57,10 +57,10 @@ def index_build(
         "--ray", metavar="[ADDRESS]",
         help="encode on a Ray cluster: no value starts a local one; 'auto' joins the cluster "
              "of 'ray start' on this machine; HOST:PORT joins that one (needs the ray extra)")] = None,
-    ray_actors: Annotated[Optional[int], typer.Option(help="embedder actors (default: one per GPU or per "
+    ray_actors: Annotated[Optional[int], typer.Option(min=1, help="embedder actors (default: one per GPU or per "
                                                            "--ray-cpus-per-actor CPUs)")] = None,
-    ray_cpus_per_actor: Annotated[int, typer.Option(help="CPU threads per actor on CPU clusters")] = 1,
-    ray_window: Annotated[Optional[int], typer.Option(help="passages per Ray task and checkpoint "
+    ray_cpus_per_actor: Annotated[int, typer.Option(min=1, help="CPU threads per actor on CPU clusters")] = 1,
+    ray_window: Annotated[Optional[int], typer.Option(min=1, help="passages per Ray task and checkpoint "
                                                            "(default: --batch-size)")] = None,
     quiet: Quiet = False,
 ) -> None:
@@ -387,6 +387,17 @@ def main(argv: list[str] | None = None) -> int:
     """Console entry point: runs the Typer app and turns `RagError`s into one-line errors."""
     import click
 
+    # typer >= 0.29 vendors its own click (typer._click); older ones use click's classes
+    try:
+        from typer import exceptions as typer_exc
+        from typer._click import exceptions as vendored
+
+        exits: tuple[type[BaseException], ...] = (click.exceptions.Exit, typer_exc.Exit)
+        usage: tuple[type[BaseException], ...] = (click.ClickException, vendored.ClickException)
+        aborts: tuple[type[BaseException], ...] = (click.exceptions.Abort, typer_exc.Abort)
+    except ImportError:
+        exits, usage, aborts = (click.exceptions.Exit,), (click.ClickException,), (click.exceptions.Abort,)
+
     args = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in args
     args = [a for a in args if a != "--debug"]
@@ -399,12 +410,12 @@ def main(argv: list[str] | None = None) -> int:
                         format="%(levelname)s %(name)s: %(message)s")
     try:
         typer.main.get_command(app).main(args=args, prog_name="rag", standalone_mode=False)
-    except click.exceptions.Exit as e:
-        return int(e.exit_code)
-    except click.ClickException as e:
-        e.show()
-        return e.exit_code
-    except click.exceptions.Abort:
+    except exits as e:
+        return int(getattr(e, "exit_code", 0))
+    except usage as e:
+        e.show()  # type: ignore[attr-defined]
+        return int(getattr(e, "exit_code", 2))
+    except aborts:
         typer.echo("aborted", err=True)
         return 130
     except RagError as e:

@@ -51,6 +51,12 @@ class RayOptions:
     cpus_per_actor: int = 1
     window: int | None = None
 
+    def __post_init__(self) -> None:
+        for name in ("actors", "cpus_per_actor", "window"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise ConfigError(f"RayOptions.{name} must be >= 1, got {value}")
+
 
 def _import_ray() -> Any:
     try:

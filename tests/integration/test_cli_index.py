@@ -71,6 +71,15 @@ def test_errors_are_one_line_without_traceback(args: list[str], message: str) ->
     assert len(r.stderr.strip().splitlines()) == 1
 
 
+@pytest.mark.parametrize(("args", "message"), [
+    (["index", "build", "--corpus", "c.jsonl", "--ray", "--ray-window", "0"], "Invalid value for '--ray-window'"),
+    (["search", "--bogus"], "No such option: --bogus"),
+])
+def test_usage_errors_name_the_option_without_traceback(args: list[str], message: str) -> None:
+    r = run_cli(*args)
+    assert r.returncode == 2 and message in r.stderr and "Traceback" not in r.stderr
+
+
 def test_bad_corpus_line_names_file_and_line(tmp_path: Path) -> None:
     corpus = tmp_path / "c.jsonl"
     corpus.write_text('{"id": "a", "text": "ok"}\n{"id": "b", "text": }\n')
