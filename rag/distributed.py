@@ -102,41 +102,66 @@ def _pool(ray: Any, opts: RayOptions) -> tuple[int, dict[str, float], str]:
 
 
 class _WindowEncoder:
-    """A Ray Data actor: loads the embedder once, encodes whole windows into shard files."""
+    """A Ray Data actor: loads the embedder once, encodes whole windows into shard files.
+
+    Failures come back as an ``error`` column rather than as exceptions: Ray Data replaces a
+    worker's exception with its own retry advice, and the driver should print the real cause.
+    """
 
     def __init__(self, spec: dict[str, Any], emb_dir: str, threads: int):
         import ray
 
-        from rag.embedding import load_embedder
-
-        try:
-            import torch
-
-            torch.set_num_threads(threads)
-        except ImportError:
-            pass
-        self.embedder = load_embedder(**spec)
-        self.out = Path(emb_dir)
         self.node = ray.get_runtime_context().get_node_id()
+        self.out = Path(emb_dir)
+        self.error = ""
+        try:
+            from rag.embedding import load_embedder
+
+            try:
+                import torch
+
+                torch.set_num_threads(threads)
+            except ImportError:
+                pass
+            self.embedder = load_embedder(**spec)
+        except Exception as e:  # reported with the first window
+            self.error = _describe(e)
 
     def __call__(self, batch: dict[str, Any]) -> dict[str, Any]:
         import numpy as np
 
-        starts, counts = [], []
+        starts, counts, errors = [], [], []
         for start, path in zip(batch["start"], batch["path"], strict=True):
-            p = Path(path)
-            if not p.exists():
-                raise ConfigError(f"a Ray worker on node {self.node} cannot read {p}: --ray builds "
-                                  "need --out on storage that every node sees (e.g. NFS)")
-            texts = [json.loads(line) for line in p.read_text(encoding="utf-8").splitlines()]
-            vecs = self.embedder.encode_passages(texts)
-            tmp = self.out / f"{int(start):012d}.tmp.{os.getpid()}.npy"
-            np.save(tmp, vecs)
-            os.replace(tmp, self.out / f"{int(start):012d}.npy")
             starts.append(int(start))
-            counts.append(len(texts))
-        return {"start": np.array(starts), "n": np.array(counts),
+            try:
+                counts.append(self._encode(int(start), Path(path)))
+                errors.append(self.error)
+            except Exception as e:
+                counts.append(0)
+                errors.append(_describe(e))
+        return {"start": np.array(starts), "n": np.array(counts), "error": np.array(errors),
                 "node": np.array([self.node] * len(starts))}
+
+    def _encode(self, start: int, path: Path) -> int:
+        import numpy as np
+
+        if self.error:
+            return 0
+        if not path.exists():
+            raise ConfigError(f"a Ray worker on node {self.node} cannot read {path}: --ray builds "
+                              "need --out on storage that every node sees (e.g. NFS)")
+        texts = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()]
+        vecs = self.embedder.encode_passages(texts)
+        tmp = self.out / f"{start:012d}.tmp.{os.getpid()}.npy"
+        np.save(tmp, vecs)
+        os.replace(tmp, self.out / f"{start:012d}.npy")
+        return len(texts)
+
+
+def _describe(e: BaseException) -> str:
+    """One line naming a worker-side failure."""
+    text = " ".join(str(e).split())
+    return text if isinstance(e, RagError) else f"{type(e).__name__}: {text}"
 
 
 def _write_windows(partial: Path, store: PassageStore, records: Iterator[Record], window: int,
@@ -212,16 +237,14 @@ def encode_with_ray(partial: Path, store: PassageStore, records: Iterator[Record
         compute=ray.data.ActorPoolStrategy(size=actors, max_tasks_in_flight_per_actor=1),
         **resources)
     per_node: dict[str, int] = {}
-    bar = _progress(sum(1 for _ in pending), "encoding windows (ray)", progress)
+    bar = _progress(len(pending), "encoding windows (ray)", progress)
     try:
         for row in ds.iter_rows():
+            if row["error"]:
+                raise ConfigError(f"ray build failed on node {row['node']} (window at row "
+                                  f"{row['start']}): {row['error']}; fix it and run again to resume")
             per_node[row["node"]] = per_node.get(row["node"], 0) + 1
             bar.update(1)
-    except RagError:
-        raise
-    except Exception as e:  # Ray wraps worker errors; show the message, not the Ray stack
-        cause = getattr(e, "cause", None) or e
-        raise ConfigError(f"ray build failed: {str(cause).strip().splitlines()[-1]}") from None
     finally:
         bar.close()
     log.info("ray build: %d windows on %d nodes %s", sum(per_node.values()), len(per_node),

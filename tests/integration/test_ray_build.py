@@ -193,3 +193,41 @@ def test_ray_without_address_starts_a_local_cluster(tmp_path: Path) -> None:
     r = _build(corpus, tmp_path / "r", "--ray", env={"RAY_ADDRESS": ""}, embedder="hash:32")
     assert r.returncode == 0, r.stderr[-3000:]
     _assert_same_index(tmp_path / "l", tmp_path / "r", atol=0)
+
+
+WORKER_ERROR_SCRIPT = """
+import json, sys
+from pathlib import Path
+from rag.corpus import iter_records
+from rag.distributed import RayOptions, encode_with_ray
+from rag.errors import ConfigError
+from rag.store import PassageStore
+
+corpus, partial, address = Path(sys.argv[1]), Path(sys.argv[2]), sys.argv[3]
+partial.mkdir()
+window = partial / "todo" / f"{0:012d}.jsonl"
+
+def records():
+    yield from iter_records(str(corpus), "jsonl")
+    window.unlink()  # the read phase wrote it; make it unreadable for the worker
+    window.mkdir()
+
+with PassageStore(partial / "passages.db") as store:
+    try:
+        encode_with_ray(partial, store, records(), {"name": "hash:16"}, 4, "k", RayOptions(address=address),
+                        progress=False)
+    except ConfigError as e:
+        print(json.dumps(str(e)))
+"""
+
+
+def test_a_worker_error_surfaces_as_one_clear_message(cluster: dict[str, str], tmp_path: Path) -> None:
+    corpus = tmp_path / "c.jsonl"
+    corpus.write_text("".join(json.dumps({"id": f"p{i}", "text": f"text {i}"}) + "\n" for i in range(8)))
+    r = subprocess.run([sys.executable, "-c", WORKER_ERROR_SCRIPT, str(corpus), str(tmp_path / "idx.partial"),
+                        cluster["ADDRESS"]], capture_output=True, text=True, timeout=300,
+                       env={**os.environ, **cluster})
+    assert r.returncode == 0, r.stderr[-3000:]
+    message = json.loads(r.stdout.strip().splitlines()[-1])
+    assert message.startswith("ray build failed on node ") and "(window at row 0): IsADirectoryError" in message
+    assert "\n" not in message
