@@ -95,6 +95,7 @@ def _ort_module(onnx_file: Path, config: Any, threads: int) -> Any:
             super().__init__()
             opts = ort.SessionOptions()
             opts.intra_op_num_threads = threads
+            opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
             self.session = ort.InferenceSession(str(onnx_file), opts, providers=["CPUExecutionProvider"])
             self.inputs = [i.name for i in self.session.get_inputs()]
             self.config = config
