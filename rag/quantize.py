@@ -63,7 +63,7 @@ def export_int8(transformer: Any, model_path: str) -> Path:
 
     example = transformer.tokenizer(["an example", "a longer example sentence"], padding=True,
                                     return_tensors="pt")
-    tmp = folder.with_name(folder.name + ".tmp")
+    tmp = folder.with_name(f"{folder.name}.tmp{os.getpid()}")  # per process: Ray actors may race
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     axes = {0: "batch", 1: "tokens"}
@@ -79,8 +79,12 @@ def export_int8(transformer: Any, model_path: str) -> Path:
                      per_channel=True)
     for f in ("model.onnx", "model.pre.onnx"):
         (tmp / f).unlink()
-    shutil.rmtree(folder, ignore_errors=True)
-    os.replace(tmp, folder)
+    try:
+        os.rename(tmp, folder)
+    except OSError:  # another process published the same export first
+        shutil.rmtree(tmp, ignore_errors=True)
+        if not (folder / ONNX_FILE).exists():
+            raise
     return folder / ONNX_FILE
 
 

@@ -60,7 +60,7 @@ def test_int8_export_is_cached_and_reused(tmp_path: Path, abstracts: list[str],
     monkeypatch.setenv("RAG_CACHE_DIR", str(tmp_path))
     a = SentenceTransformerEmbedder(device="cpu", precision="int8").encode_queries(abstracts[:4])
     files = list((tmp_path / "models" / "int8").glob("*/model.int8.onnx"))
-    assert len(files) == 1 and not list((tmp_path / "models" / "int8").glob("*.tmp"))
+    assert len(files) == 1 and not list((tmp_path / "models" / "int8").glob("*.tmp*"))
     mtime = files[0].stat().st_mtime_ns
     b = SentenceTransformerEmbedder(device="cpu", precision="int8").encode_queries(abstracts[:4])
     assert files[0].stat().st_mtime_ns == mtime  # exported once
