@@ -168,28 +168,20 @@ def _write_windows(partial: Path, store: PassageStore, records: Iterator[Record]
                    key: str, bar: Any) -> None:
     """Read + chunk into the store and window files; resumes after what the store holds."""
     from rag.embedding import passage_text
-    from rag.index import _batches
+    from rag.index import _batches_after, _commit
 
     todo = partial / TODO_DIR
     todo.mkdir(exist_ok=True)
     done = int(store.get_state("records_done") or 0)
-    consumed = 0
-    for batch in _batches(records, window):
-        if consumed + len(batch) <= done:
-            consumed += len(batch)
-            continue
-        if consumed < done:  # cannot happen unless the window changed mid-build
-            raise ConfigError(f"{partial} was started with another --ray-window; delete it to rebuild")
+    for batch, records_done in _batches_after(records, window, done):
         start = len(store)
         lines = "".join(json.dumps(passage_text(r.passage.title, r.passage.text), ensure_ascii=False)
                         + "\n" for r in batch)
         tmp = todo / f"{start:012d}.jsonl.tmp"
         tmp.write_text(lines, encoding="utf-8")
         os.replace(tmp, todo / f"{start:012d}.jsonl")
-        consumed += len(batch)
-        store.add([r.passage for r in batch], state={"records_done": str(consumed), "key": key},
-                  locations=[f"{r.source}:{r.line}" if r.line else r.source for r in batch])
-        bar.set_postfix_str(f"read {consumed}")
+        _commit(store, batch, records_done, key)
+        bar.set_postfix_str(f"read {records_done}")
 
 
 def _worker_spec(spec: dict[str, Any], device: str, batch_size: int) -> dict[str, Any]:

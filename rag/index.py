@@ -15,6 +15,7 @@ skips what was done. The finished folder replaces ``<out>`` by rename.
 
 from __future__ import annotations
 
+import itertools
 import json
 import logging
 import os
@@ -300,6 +301,20 @@ def _batches(records: Iterator[Record], size: int) -> Iterator[list[Record]]:
         yield batch
 
 
+def _batches_after(records: Iterator[Record], size: int, done: int) -> Iterator[tuple[list[Record], int]]:
+    """Batches of the records after the first ``done`` (an earlier run's), each with the count
+    of records done once it is committed."""
+    for batch in _batches(itertools.islice(records, done, None), size):
+        done += len(batch)
+        yield batch, done
+
+
+def _commit(store: PassageStore, batch: list[Record], records_done: int, key: str) -> None:
+    """Add a batch's passages (with where they came from) and the resume point in one step."""
+    store.add([r.passage for r in batch], state={"records_done": str(records_done), "key": key},
+              locations=[f"{r.source}:{r.line}" if r.line else r.source for r in batch])
+
+
 class _Shards:
     """Embedding checkpoints: ``emb/<first row>.npy``, written atomically."""
 
@@ -369,21 +384,12 @@ def _encode_into(partial: Path, store: PassageStore, records: Iterator[Record],
         log.info("resuming build: %d passages already encoded", done)
     bar = _progress(None, f"encoding {recipe.name}", progress)
     bar.update(done)
-    consumed = 0
     try:
-        for batch in _batches(records, recipe.batch_size):
-            if consumed + len(batch) <= done:
-                consumed += len(batch)
-                continue
-            batch = batch[max(0, done - consumed):]
-            consumed = max(consumed, done)
+        for batch, records_done in _batches_after(records, recipe.batch_size, done):
             vecs = embedder.encode_passages([passage_text(r.passage.title, r.passage.text)
                                              for r in batch])
-            start = len(store)
-            shards.write(start, vecs)
-            consumed += len(batch)
-            store.add([r.passage for r in batch], state={"records_done": str(consumed), "key": key},
-                      locations=[f"{r.source}:{r.line}" if r.line else r.source for r in batch])
+            shards.write(len(store), vecs)
+            _commit(store, batch, records_done, key)
             bar.update(len(batch))
     finally:
         bar.close()
