@@ -32,7 +32,7 @@ def main() -> None:
     from rag.generation import load_generator
     from rag.pipeline import ChatRagPipeline
     from rag.retriever import DenseRetriever
-    from rag.selfrag.pipeline import SelfRagPipeline
+    from rag.pipeline import SelfRagPipeline
     from rag.types import ChatMessage
 
     data = json.loads((SHARED / "squad-v1.1-dev/dev-v1.1.json").read_text())

@@ -32,6 +32,12 @@ _EXPORTS = {
     "BM25Retriever": "rag.retriever",
     "HybridRetriever": "rag.retriever",
     "load_retriever": "rag.retriever",
+    "Answer": "rag.types",
+    "Pipeline": "rag.pipeline",
+    "build_pipeline": "rag.pipeline",
+    "load_pipeline_config": "rag.config",
+    "Generator": "rag.generation",
+    "load_generator": "rag.generation",
 }
 
 __all__ = sorted(_EXPORTS) + ["__version__"]

@@ -5,9 +5,13 @@ Errors print one line on stderr and exit 1 (a traceback with ``--debug``).
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import json
 import logging
+import signal
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Annotated, Any, Optional
 
@@ -167,16 +171,26 @@ def search(
     if as_json:
         _echo_json([h.to_json() for h in hits])
         return
+    _echo_hits(hits)
+
+
+def _echo_hits(hits: Any) -> None:
     for h in hits:
         typer.echo(f"{h.rank:>2}. [{h.score:.4f}] {h.passage.title} ({h.passage.id})")
         typer.echo("    " + h.passage.text[:300].replace("\n", " "))
 
 
-def _pipeline(pipeline: Path, index: Path | None) -> Any:
+@contextlib.contextmanager
+def _pipeline(pipeline: Path, index: Path | None) -> Iterator[Any]:
+    """The pipeline a YAML names; its engine (threads, processes) is closed on the way out."""
     from rag.config import load_pipeline_config
     from rag.pipeline import build_pipeline
 
-    return build_pipeline(load_pipeline_config(pipeline), index=index)
+    pipe = build_pipeline(load_pipeline_config(pipeline), index=index)
+    try:
+        yield pipe
+    finally:
+        pipe.close()
 
 
 PipelineOpt = Annotated[Path, typer.Option("--pipeline", "-p", help="pipeline YAML (pipelines/*.yaml)")]
@@ -191,14 +205,18 @@ def ask(
     as_json: Annotated[bool, typer.Option("--json", help="print JSON")] = False,
     trace: Annotated[bool, typer.Option(help="include the prompt and timings in --json")] = False,
 ) -> None:
-    """Answer one question with a pipeline; prints the answer and its citations."""
-    answer = _pipeline(pipeline, index).ask(question)
+    """Answer one question with a pipeline; prints the answer and its citations (a
+    retrieval-only pipeline prints its ranked passages)."""
+    with _pipeline(pipeline, index) as pipe:
+        answer = pipe.ask(question)
     if as_json:
         _echo_json(answer.to_json(include_trace=trace))
-        return
-    typer.echo(answer.text)
-    for i, c in enumerate(answer.citations, 1):
-        typer.echo(f"  [{i}] {c.title} ({c.id}) score={c.score:.4f}")
+    elif pipe.generator is None:
+        _echo_hits(answer.hits)
+    else:
+        typer.echo(answer.text)
+        for i, c in enumerate(answer.citations, 1):
+            typer.echo(f"  [{i}] {c.title} ({c.id}) score={c.score:.4f}")
 
 
 @app.command()
@@ -210,10 +228,35 @@ def chat(
 ) -> None:
     """Interactive multi-turn chat with streaming. /sources shows the last turn's passages,
     /reset clears the history, /quit (or Ctrl-D) leaves."""
+
+    with _pipeline(pipeline, index) as pipe:
+        _chat_loop(pipe, save, resume)
+
+
+def _turn(pipe: Any, history: list[Any]) -> tuple[list[Any], str]:
+    """Stream one answer to the terminal; returns its sources and text."""
+    from rag.types import SourcesEvent, TextEvent
+
+    async def run() -> tuple[list[Any], str]:
+        hits: list[Any] = []
+        text = ""
+        typer.echo("rag> ", nl=False)
+        async for event in pipe.astream(history):
+            if isinstance(event, SourcesEvent):
+                hits = event.hits
+            elif isinstance(event, TextEvent):
+                text += event.text
+                typer.echo(event.text, nl=False)
+        typer.echo("")
+        return hits, text
+
+    return asyncio.run(run())
+
+
+def _chat_loop(pipe: Any, save: Path | None, resume: Path | None) -> None:
     from rag.prompts.interactions import read_interactions, to_interactions
     from rag.types import ChatMessage
 
-    pipe = _pipeline(pipeline, index)
     history: list[ChatMessage] = []
     if resume is not None:
         for convo in read_interactions(resume):
@@ -250,18 +293,7 @@ def chat(
                 typer.echo("  (no passages yet)")
             continue
         history.append(ChatMessage(role="user", content=line))
-        if hasattr(pipe, "stream"):
-            last_hits, pieces = pipe.stream(history)
-            typer.echo("rag> ", nl=False)
-            text = ""
-            for piece in pieces:
-                text += piece
-                typer.echo(piece, nl=False)
-            typer.echo("")
-        else:
-            answer = pipe.chat(history)
-            last_hits, text = answer.hits, answer.text
-            typer.echo(f"rag> {text}")
+        last_hits, text = _turn(pipe, history)
         history.append(ChatMessage(role="assistant", content=text))
 
 
@@ -271,7 +303,7 @@ def serve(
     index: IndexOpt = None,
     host: Annotated[str, typer.Option(help="bind address (loopback by default)")] = "127.0.0.1",
     port: Annotated[int, typer.Option(help="TCP port")] = 8000,
-    max_queue: Annotated[int, typer.Option(help="requests in flight before 429")] = 64,
+    max_inflight: Annotated[int, typer.Option(help="requests in flight (streams too) before 429")] = 64,
     timeout: Annotated[float, typer.Option(help="per-request timeout in seconds")] = 120.0,
 ) -> None:
     """Serve a pipeline over an OpenAI-compatible HTTP API (RAG_API_KEY enables auth)."""
@@ -279,10 +311,10 @@ def serve(
     from rag.service import serve as run_server
     from rag.settings import get_settings
 
-    pipe = _pipeline(pipeline, index)
-    typer.echo(f"serving {pipe.config.name} on http://{host}:{port}/v1", err=True)
-    run_server(pipe, host=host, port=port, api_key=get_settings().api_key,
-               limits=ServiceLimits(max_queue=max_queue, timeout_s=timeout))
+    with _pipeline(pipeline, index) as pipe:
+        typer.echo(f"serving {pipe.config.name} on http://{host}:{port}/v1", err=True)
+        run_server(pipe, host=host, port=port, api_key=get_settings().api_key,
+                   limits=ServiceLimits(max_inflight=max_inflight, timeout_s=timeout))
 
 
 @app.command("eval")
@@ -376,11 +408,15 @@ def demo(quiet: Quiet = False) -> None:
     if not DEMO_PIPELINE.exists():
         return
     typer.echo(f"\nanswers ({DEMO_PIPELINE}):")
-    pipe = _pipeline(DEMO_PIPELINE, recipe.out_dir())
-    for question, answer in zip(DEMO_QUESTIONS, pipe.chat_batch(
-            [[ChatMessage(role="user", content=q)] for q in DEMO_QUESTIONS]), strict=True):
+    with _pipeline(DEMO_PIPELINE, recipe.out_dir()) as pipe:
+        answers = pipe.answer_batch([[ChatMessage(role="user", content=q)] for q in DEMO_QUESTIONS])
+    for question, answer in zip(DEMO_QUESTIONS, answers, strict=True):
         typer.echo(f"\nQ: {question}\nA: {answer.text}")
         typer.echo("   sources: " + ", ".join(c.id for c in answer.citations))
+
+
+def _interrupt(signum: int, frame: Any) -> None:
+    raise KeyboardInterrupt
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -408,6 +444,9 @@ def main(argv: list[str] | None = None) -> int:
             break
     logging.basicConfig(level=logging.INFO if debug else logging.WARNING, stream=sys.stderr,
                         format="%(levelname)s %(name)s: %(message)s")
+    # SIGTERM unwinds like Ctrl-C, so engines and their processes are shut down on the way out
+    # (`rag serve` installs uvicorn's own handler while it runs)
+    signal.signal(signal.SIGTERM, _interrupt)
     try:
         typer.main.get_command(app).main(args=args, prog_name="rag", standalone_mode=False)
     except exits as e:

@@ -3,10 +3,20 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Literal, TypeVar
+from typing import Annotated, Any, Literal, TypeVar
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Discriminator,
+    Field,
+    Tag,
+    TypeAdapter,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from rag.errors import ConfigError
 from rag.types import GenerationParams
@@ -142,30 +152,88 @@ class SelfRagSettings(_Config):
         "best", description="final path: best score, or best at the deepest level (reference)")
 
 
-class PipelineConfig(_Config):
-    """A pipeline YAML (pipelines/*.yaml). ``extra="forbid"``: unknown keys are errors."""
-
+class _PipelineBase(_Config):
     name: str
-    kind: Literal["chat", "selfrag", "retrieval"] = "chat"
     index: str | None = Field(None, description="default index folder (--index overrides)")
     retrieval: RetrievalConfig = RetrievalConfig()
+    expected: dict[str, Any] | None = Field(None, description="expected eval scores (rag eval --check)")
+
+
+class _Generating(_PipelineBase):
     generator: GeneratorConfig = GeneratorConfig()
     prompt: PromptConfig = PromptConfig()
     generation: GenerationParams = GenerationParams()
+
+
+class ChatPipelineConfig(_Generating):
+    """``kind: chat`` (the default): the SciPhi chat flow over any chat format."""
+
+    kind: Literal["chat"] = "chat"
     query_rewrite: bool = Field(False, description="ask the model for a search query first")
-    selfrag: SelfRagSettings = SelfRagSettings()
-    expected: dict[str, Any] | None = Field(None, description="expected eval scores (rag eval --check)")
 
     @model_validator(mode="after")
-    def _sciphi_stop_token(self) -> PipelineConfig:
+    def _sciphi_stop_token(self) -> ChatPipelineConfig:
         # SciPhi's get_chat_completion refuses to run unless generation stops at <paragraph>
         # (the model asking for more evidence); check it before anything loads.
-        if self.kind == "chat" and self.prompt.format == "sciphi" and "<paragraph>" not in self.generation.stop:
+        if self.prompt.format == "sciphi" and "<paragraph>" not in self.generation.stop:
             raise ValueError("generation.stop must include '<paragraph>' for the sciphi format "
                              "(the model stops when it asks for more evidence)")
         return self
 
 
+class SelfRagPipelineConfig(_Generating):
+    """``kind: selfrag``: the Self-RAG decoder (``prompt.format`` is the prompted critic's)."""
+
+    kind: Literal["selfrag"]
+    selfrag: SelfRagSettings = SelfRagSettings()
+
+
+class RetrievalPipelineConfig(_PipelineBase):
+    """``kind: retrieval``: ranked hits, no generator."""
+
+    kind: Literal["retrieval"]
+
+
+PIPELINE_KINDS = {"chat": ChatPipelineConfig, "selfrag": SelfRagPipelineConfig,
+                  "retrieval": RetrievalPipelineConfig}
+
+
+def _kind(value: Any) -> str | None:
+    return value.get("kind", "chat") if isinstance(value, dict) else getattr(value, "kind", None)
+
+
+PipelineConfig = Annotated[
+    Annotated[ChatPipelineConfig, Tag("chat")] | Annotated[SelfRagPipelineConfig, Tag("selfrag")]
+    | Annotated[RetrievalPipelineConfig, Tag("retrieval")],
+    Discriminator(_kind, custom_error_type="pipeline_kind",
+                  custom_error_message="kind must be chat, selfrag or retrieval"),
+]
+_PIPELINE_ADAPTER: TypeAdapter[PipelineConfig] = TypeAdapter(PipelineConfig)
+
+
+def pipeline_config(source: str | Path = "pipeline", **data: Any) -> PipelineConfig:
+    """Validate a pipeline config; a field that does not belong to its ``kind`` is an error
+    naming the field and the kind (``source`` names the file in messages)."""
+    try:
+        return _PIPELINE_ADAPTER.validate_python(data)
+    except ValidationError as e:
+        kind = data.get("kind", "chat")
+        parts = []
+        for er in e.errors():
+            loc = list(er["loc"])
+            if loc and loc[0] == kind:  # the union's tag
+                loc = loc[1:]
+            where = ".".join(str(x) for x in loc) or "kind"
+            if er["type"] == "extra_forbidden":
+                parts.append(f"field '{where}' is not a setting of kind: {kind} pipelines")
+            elif er["type"] == "pipeline_kind":
+                parts.append(f"field 'kind' must be chat, selfrag or retrieval (got {kind!r})")
+            else:
+                got = f" (got {er['input']!r})" if er["type"] != "missing" else ""
+                parts.append(f"field '{where}': {er['msg']}{got}")
+        raise ConfigError(f"{source}: " + "; ".join(parts)) from None
+
+
 def load_pipeline_config(path: str | Path) -> PipelineConfig:
     """Read a pipeline YAML; errors name the file and the field."""
-    return _load(path, PipelineConfig)
+    return pipeline_config(path, **load_yaml(path))

@@ -3,12 +3,14 @@
 Routes: ``POST /v1/chat/completions`` (JSON or SSE streaming), ``GET /v1/models``,
 ``POST /v1/retrieve``, ``GET /health``, ``GET /metrics`` (Prometheus text).
 
-Concurrent non-streaming requests are collected by a batching queue and answered with one
-batched pipeline call per group of equal generation settings; the queue is bounded (429 with
-``Retry-After`` when full), each request has a timeout (504), and a request whose client went
-away before its batch started is dropped. Errors use the OpenAI error shape. Responses carry an
-extension field ``rag`` (citations; Self-RAG scores and retrieval decision); requests may carry
-``rag: {"top_k": N, "include_trace": bool}``.
+Generation runs on the pipeline's engine (vLLM's async engine batches concurrent requests
+continuously; the transformers backend batches them on its worker). Streaming and non-streaming
+requests share one admission bound (``max_inflight``; past it 429 with ``Retry-After``) and one
+per-request timeout (504 for JSON; an error event, then ``[DONE]``, for SSE). A client that goes
+away aborts its generation; so does a server shutdown (503 / an error event). Errors use the
+OpenAI error shape. Responses carry an extension field ``rag`` (citations; Self-RAG scores and
+retrieval decision); requests may carry ``rag: {"top_k": N, "include_trace": bool}``. Message
+``content`` may be a string or a list of text parts.
 """
 
 from __future__ import annotations
@@ -18,28 +20,25 @@ import contextlib
 import hmac
 import json
 import logging
-import threading
 import time
 import uuid
-from collections.abc import AsyncIterator, Sequence
-from concurrent.futures import Future
-from dataclasses import dataclass, field
+from collections.abc import AsyncIterator
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from rag.errors import ConfigError, PromptError, RagError, missing_extra
-from rag.types import Answer, ChatMessage, GenerationParams
+from rag.errors import ConfigError, GenerationError, PromptError, RagError, missing_extra
+from rag.types import Answer, AnswerEvent, ChatMessage, DoneEvent, GenerationParams, TextEvent
 
 log = logging.getLogger(__name__)
 
 try:
     from fastapi import FastAPI, Request
     from fastapi.exceptions import RequestValidationError
-    from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
-    from starlette.concurrency import iterate_in_threadpool
+    from fastapi.responses import JSONResponse, PlainTextResponse, Response
+    from sse_starlette import EventSourceResponse
 except ImportError:  # pragma: no cover - depends on the environment
-    raise missing_extra("fastapi", "serve") from None
+    raise missing_extra("fastapi and sse-starlette", "serve") from None
 
 
 class ServiceLimits(BaseModel):
@@ -47,10 +46,8 @@ class ServiceLimits(BaseModel):
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 
-    max_queue: int = Field(64, ge=1, description="requests waiting or running before 429")
-    max_batch: int = Field(16, ge=1, description="requests per batched pipeline call")
-    batch_wait_s: float = Field(0.01, ge=0, description="how long a batch waits to fill")
-    timeout_s: float = Field(120.0, gt=0, description="per-request timeout (504)")
+    max_inflight: int = Field(64, ge=1, description="requests being answered before 429 (streams too)")
+    timeout_s: float = Field(120.0, gt=0, description="per-request timeout (504 / SSE error event)")
     max_body_bytes: int = Field(1_000_000, ge=1024)
     max_messages: int = Field(64, ge=1)
     max_message_chars: int = Field(32_000, ge=1)
@@ -69,10 +66,18 @@ class RagOptions(BaseModel):
     include_trace: bool = False
 
 
+class ContentPart(BaseModel):
+    """One part of a list ``content``; only ``type: text`` is accepted."""
+
+    model_config = ConfigDict(extra="allow")
+    type: str
+    text: str | None = None
+
+
 class MessageIn(BaseModel):
     model_config = ConfigDict(extra="ignore")
     role: str
-    content: str | None = None
+    content: str | list[ContentPart] | None = None
 
 
 class ChatRequest(BaseModel):
@@ -126,7 +131,24 @@ class Metrics:
         self.tokens = Counter("rag_tokens_total", "tokens", ["kind"], registry=self.registry)
         self.retrieval = Histogram("rag_retrieval_seconds", "retrieval time per request",
                                    registry=self.registry)
-        self.queue_depth = Gauge("rag_queue_depth", "requests waiting or running", registry=self.registry)
+        self.queue_depth = Gauge("rag_queue_depth", "requests being answered (streaming or not)",
+                                 registry=self.registry)
+        self.ttft = Histogram("rag_time_to_first_token_seconds", "request start to first text",
+                              buckets=(.025, .05, .1, .25, .5, 1, 2.5, 5, 10, 30, 60),
+                              registry=self.registry)
+        self.tokens_per_s = Histogram("rag_output_tokens_per_second", "completion tokens / generation time",
+                                      buckets=(1, 2, 5, 10, 20, 50, 100, 200, 500, 1000),
+                                      registry=self.registry)
+
+    def observe(self, answer: Answer) -> None:
+        u, t = answer.usage, answer.timings
+        self.tokens.labels("prompt").inc(u.prompt_tokens)
+        self.tokens.labels("completion").inc(u.completion_tokens)
+        self.retrieval.observe(t.retrieval_s)
+        if t.first_token_s is not None:
+            self.ttft.observe(t.first_token_s)
+        if u.completion_tokens and t.generation_s > 0:
+            self.tokens_per_s.observe(u.completion_tokens / t.generation_s)
 
     def render(self) -> bytes:
         from prometheus_client import generate_latest
@@ -134,85 +156,93 @@ class Metrics:
         return generate_latest(self.registry)
 
 
-# --- batching queue ---------------------------------------------------------------------------
+# --- in-flight requests -----------------------------------------------------------------------
 
 
-@dataclass
-class _Job:
-    messages: list[ChatMessage]
-    params: GenerationParams
-    top_k: int | None
-    future: Future[Answer] = field(default_factory=Future)
+class ShuttingDown(Exception):
+    """Raised into in-flight requests when the server stops."""
 
 
-class Batcher:
-    """Collects concurrent requests and answers them with batched pipeline calls (one thread:
-    the generator is used by one batch at a time)."""
+class _Work:
+    """One request's pipeline stream, run as its own task; events reach the response through a
+    queue, so the response can stop waiting (timeout, disconnect, shutdown) and cancel the work.
+    Cancelling the task cancels the pipeline stream, which aborts its generation."""
 
-    def __init__(self, pipeline: Any, limits: ServiceLimits, metrics: Metrics):
-        self.pipeline, self.limits, self.metrics = pipeline, limits, metrics
-        self._jobs: list[_Job] = []
-        self._cond = threading.Condition()
-        self._inflight = 0
-        self._stopped = False
-        self._thread = threading.Thread(target=self._loop, name="rag-batcher", daemon=True)
-        self._thread.start()
+    def __init__(self, events: AsyncIterator[AnswerEvent]):
+        self.queue: asyncio.Queue[AnswerEvent | BaseException] = asyncio.Queue()
+        self.task = asyncio.create_task(self._pump(events))
 
-    @property
-    def depth(self) -> int:
-        return self._inflight
+    async def _pump(self, events: AsyncIterator[AnswerEvent]) -> None:
+        try:
+            async for event in events:
+                self.queue.put_nowait(event)
+        except Exception as e:  # delivered to the response; CancelledError ends the task
+            self.queue.put_nowait(e)
 
-    def try_acquire(self) -> bool:
-        with self._cond:
-            if self._inflight >= self.limits.max_queue:
-                return False
-            self._inflight += 1
-            self.metrics.queue_depth.set(self._inflight)
-            return True
+    def abort(self, reason: BaseException) -> None:
+        self.task.cancel()
+        self.queue.put_nowait(reason)
 
-    def release(self) -> None:
-        with self._cond:
-            self._inflight -= 1
-            self.metrics.queue_depth.set(self._inflight)
 
-    def submit(self, job: _Job) -> Future[Answer]:
-        with self._cond:
-            self._jobs.append(job)
-            self._cond.notify()
-        return job.future
+class Inflight:
+    """The bound on requests being answered (streaming or not) and their handles, so that a
+    shutdown can abort them. Used only on the event loop's thread: no lock needed."""
 
-    def stop(self) -> None:
-        with self._cond:
-            self._stopped = True
-            self._cond.notify()
+    def __init__(self, limit: int, metrics: Metrics):
+        self.limit, self.metrics = limit, metrics
+        self.running: set[_Work] = set()
+        self.closing = False
 
-    def _take(self) -> list[_Job]:
-        with self._cond:
-            while not self._jobs and not self._stopped:
-                self._cond.wait()
-            if self._stopped:
-                return []
-        time.sleep(self.limits.batch_wait_s)  # let concurrent requests join the batch
-        with self._cond:
-            batch, self._jobs = self._jobs[: self.limits.max_batch], self._jobs[self.limits.max_batch:]
-        return batch
+    def admit(self, events: AsyncIterator[AnswerEvent]) -> _Work:
+        if self.closing:
+            raise HTTPError(503, "the server is shutting down", type="server_error", code="shutting_down")
+        if len(self.running) >= self.limit:
+            raise HTTPError(429, "the server is busy; retry later", type="rate_limit_error",
+                            code="queue_full", headers={"Retry-After": "1"})
+        work = _Work(events)
+        self.running.add(work)
+        self.metrics.queue_depth.set(len(self.running))
+        return work
 
-    def _loop(self) -> None:
-        while not self._stopped:
-            batch = [j for j in self._take() if j.future.set_running_or_notify_cancel()]
-            groups: dict[tuple[str, int | None], list[_Job]] = {}
-            for job in batch:
-                groups.setdefault((job.params.model_dump_json(), job.top_k), []).append(job)
-            for (_, top_k), jobs in groups.items():
-                try:
-                    answers = self.pipeline.chat_batch([j.messages for j in jobs], top_k=top_k,
-                                                       params=jobs[0].params)
-                except BaseException as e:  # delivered to every waiting request
-                    for j in jobs:
-                        j.future.set_exception(e)
-                    continue
-                for j, a in zip(jobs, answers, strict=True):
-                    j.future.set_result(a)
+    def done(self, work: _Work) -> None:
+        work.task.cancel()
+        self.running.discard(work)
+        self.metrics.queue_depth.set(len(self.running))
+
+    def abort_all(self) -> None:
+        self.closing = True
+        for work in list(self.running):
+            work.abort(ShuttingDown("the server is shutting down"))
+
+
+class _Timeout(Exception):
+    pass
+
+
+class _Disconnected(Exception):
+    pass
+
+
+async def _events(work: _Work, request: Request, timeout_s: float) -> AsyncIterator[AnswerEvent]:
+    """The work's events until its answer; raises `_Timeout` past the deadline, `_Disconnected`
+    when the client went away (checked whenever no event came for half a second)."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout_s
+    while True:
+        remaining = deadline - loop.time()
+        if remaining <= 0:
+            raise _Timeout
+        try:
+            item = await asyncio.wait_for(work.queue.get(), min(remaining, 0.5))
+        except asyncio.TimeoutError:
+            if await request.is_disconnected():
+                raise _Disconnected from None
+            continue
+        if isinstance(item, BaseException):
+            raise item
+        yield item
+        if isinstance(item, DoneEvent):
+            return
 
 
 # --- the app ----------------------------------------------------------------------------------
@@ -248,6 +278,22 @@ def _params(req: ChatRequest, base: GenerationParams, limits: ServiceLimits) -> 
     return base.model_copy(update=update)
 
 
+def _content(i: int, content: str | list[ContentPart] | None) -> str:
+    """A message's text: a string, or the text parts of a list joined by newlines."""
+    if content is None or isinstance(content, str):
+        return content or ""
+    texts = []
+    for j, part in enumerate(content):
+        if part.type != "text":
+            raise HTTPError(400, f"messages[{i}].content[{j}] has type {part.type!r}; this server "
+                                 "accepts text only (type 'text')", param=f"messages[{i}].content[{j}].type")
+        if part.text is None:
+            raise HTTPError(400, f"messages[{i}].content[{j}] has no 'text'",
+                            param=f"messages[{i}].content[{j}].text")
+        texts.append(part.text)
+    return "\n".join(texts)
+
+
 def _messages(req: ChatRequest, limits: ServiceLimits) -> list[ChatMessage]:
     if not req.messages:
         raise HTTPError(400, "messages must not be empty", param="messages")
@@ -259,7 +305,7 @@ def _messages(req: ChatRequest, limits: ServiceLimits) -> list[ChatMessage]:
         if m.role not in ("system", "user", "assistant"):
             raise HTTPError(400, f"messages[{i}].role {m.role!r} is not supported; use system, "
                                  "user or assistant", param=f"messages[{i}].role")
-        content = m.content or ""
+        content = _content(i, m.content)
         if len(content) > limits.max_message_chars:
             raise HTTPError(400, f"messages[{i}].content has {len(content)} characters; the limit "
                                  f"is {limits.max_message_chars}", param=f"messages[{i}].content")
@@ -271,29 +317,45 @@ def _rag_extension(answer: Answer, include_trace: bool) -> dict[str, Any]:
     ext: dict[str, Any] = {"citations": [c.model_dump() for c in answer.citations]}
     if answer.scores:
         ext["scores"] = [s.model_dump() for s in answer.scores]
-    if answer.retrieval:
-        ext["retrieval"] = answer.retrieval
+    if answer.retrieval is not None:
+        ext["retrieval"] = answer.retrieval.model_dump()
     if include_trace:
-        ext["trace"] = answer.trace
+        ext["timings"] = answer.timings.model_dump()
+        ext["trace"] = answer.trace.model_dump(exclude_defaults=True)
     return ext
+
+
+def _usage(answer: Answer) -> dict[str, int]:
+    u = answer.usage
+    return {"prompt_tokens": u.prompt_tokens, "completion_tokens": u.completion_tokens,
+            "total_tokens": u.total_tokens}
+
+
+def _status(e: RagError) -> tuple[int, str]:
+    if isinstance(e, (PromptError, ConfigError)):
+        return 400, "invalid_request_error"
+    if isinstance(e, GenerationError):
+        return 502, "server_error"
+    return 500, "server_error"
 
 
 def create_app(pipeline: Any, *, model_name: str | None = None, api_key: str | None = None,
                limits: ServiceLimits | None = None) -> FastAPI:
-    """Build the ASGI app around a loaded pipeline."""
+    """Build the ASGI app around a loaded `rag.pipeline.Pipeline`. ``app.state.inflight``
+    aborts every in-flight request (`Inflight.abort_all`); `serve` calls it on SIGTERM/SIGINT."""
     limits = limits or ServiceLimits()
     model_name = model_name or pipeline.config.name
     metrics = Metrics()
-    batcher = Batcher(pipeline, limits, metrics)
+    inflight = Inflight(limits.max_inflight, metrics)
     created = int(time.time())
 
     @contextlib.asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
         yield
-        batcher.stop()
+        inflight.abort_all()
 
     app = FastAPI(title="rag", version="0.1.0", lifespan=lifespan)
-    app.state.batcher = batcher
+    app.state.inflight = inflight
 
     @app.middleware("http")
     async def guard(request: Request, call_next: Any) -> Response:
@@ -338,18 +400,19 @@ def create_app(pipeline: Any, *, model_name: str | None = None, api_key: str | N
 
     @app.exception_handler(RagError)
     async def _rag_error(_: Request, e: RagError) -> JSONResponse:
-        if isinstance(e, (PromptError, ConfigError)):
-            return JSONResponse(error_body(str(e), "invalid_request_error"), status_code=400)
-        return JSONResponse(error_body(str(e), "server_error"), status_code=500)
+        status, kind = _status(e)
+        return JSONResponse(error_body(str(e), kind), status_code=status)
 
     @app.get("/health")
     def health() -> dict[str, Any]:
-        retriever = getattr(pipeline, "retriever", None)
+        retriever = pipeline.retriever
         store = getattr(retriever, "store", None)
+        generator = pipeline.generator
         return {"status": "ok", "model": model_name,
-                "generator": getattr(pipeline.generator, "model_name", None),
+                "generator": generator.model_name if generator is not None else None,
                 "index": str(getattr(retriever, "folder", "")) or None,
-                "passages": len(store) if store is not None else 0}
+                "passages": len(store) if store is not None else 0,
+                "inflight": len(inflight.running)}
 
     @app.get("/metrics")
     def prom() -> Response:
@@ -361,14 +424,13 @@ def create_app(pipeline: Any, *, model_name: str | None = None, api_key: str | N
                                             "owned_by": "rag"}]}
 
     @app.post("/v1/retrieve")
-    def retrieve(req: RetrieveRequest) -> dict[str, Any]:
-        retriever = getattr(pipeline, "retriever", None)
-        if retriever is None:
+    async def retrieve(req: RetrieveRequest) -> dict[str, Any]:
+        if pipeline.retriever is None:
             raise HTTPError(400, "this pipeline has no index; start rag serve with --index")
         if req.top_k > limits.max_top_k:
             raise HTTPError(400, f"top_k={req.top_k} exceeds the limit of {limits.max_top_k}", param="top_k")
         t0 = time.perf_counter()
-        hits = retriever.search(req.query, req.top_k)
+        hits = await asyncio.to_thread(pipeline.search, req.query, req.top_k)
         metrics.retrieval.observe(time.perf_counter() - t0)
         return {"object": "list", "data": [h.to_json() for h in hits]}
 
@@ -388,94 +450,98 @@ def create_app(pipeline: Any, *, model_name: str | None = None, api_key: str | N
     async def chat_completions(request: Request) -> Response:
         req = await parse(request)
         messages = _messages(req, limits)
-        params = _params(req, pipeline.config.generation, limits)
+        params = _params(req, pipeline.config.generation, limits) if pipeline.generator else None
         opts = req.rag or RagOptions()
         if opts.top_k is not None and opts.top_k > limits.max_top_k:
             raise HTTPError(400, f"rag.top_k={opts.top_k} exceeds the limit of {limits.max_top_k}",
                             param="rag.top_k")
-        fmt = getattr(pipeline, "format", None)
-        if fmt is not None:
-            fmt.render(messages)  # role/order errors become 400 before queueing
-        if not batcher.try_acquire():
-            raise HTTPError(429, "the server is busy; retry later", type="rate_limit_error",
-                            code="queue_full", headers={"Retry-After": "1"})
+        pipeline.validate(messages)  # role/order errors become 400 before admission
+        work = inflight.admit(pipeline.astream(messages, top_k=opts.top_k, params=params))
         cid, now = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
         if req.stream:
-            return StreamingResponse(_stream(request, cid, now, messages, params, opts),
-                                     media_type="text/event-stream")
+            return EventSourceResponse(_sse(work, request, cid, now, opts), sep="\n", ping=15,
+                                       shutdown_grace_period=2.0)
         try:
-            job = _Job(messages, params, opts.top_k)
-            future = batcher.submit(job)
-            try:
-                answer = await asyncio.wait_for(asyncio.wrap_future(future), limits.timeout_s)
-            except asyncio.TimeoutError:
-                future.cancel()
-                raise HTTPError(504, f"the request took longer than {limits.timeout_s:g}s",
-                                type="server_error", code="timeout") from None
-            except asyncio.CancelledError:  # client went away: drop it if not started
-                future.cancel()
-                raise
+            answer = None
+            async for event in _events(work, request, limits.timeout_s):
+                if isinstance(event, DoneEvent):
+                    answer = event.answer
+        except _Timeout:
+            raise HTTPError(504, f"the request took longer than {limits.timeout_s:g}s",
+                            type="server_error", code="timeout") from None
+        except _Disconnected:
+            return Response(status_code=499)  # nobody reads it; the generation was aborted
+        except ShuttingDown as e:
+            raise HTTPError(503, str(e), type="server_error", code="shutting_down") from None
         finally:
-            batcher.release()
-        usage = {"prompt_tokens": answer.usage.get("prompt_tokens", 0),
-                 "completion_tokens": answer.usage.get("completion_tokens", 0)}
-        usage["total_tokens"] = usage["prompt_tokens"] + usage["completion_tokens"]
-        metrics.tokens.labels("prompt").inc(usage["prompt_tokens"])
-        metrics.tokens.labels("completion").inc(usage["completion_tokens"])
-        timings = answer.trace.get("timings", {})
-        if "retrieval_s" in timings:
-            metrics.retrieval.observe(timings["retrieval_s"])
-        finish = "length" if answer.trace.get("finish_reason") == "length" else "stop"
+            inflight.done(work)
+        assert answer is not None
+        metrics.observe(answer)
         return JSONResponse({
             "id": cid, "object": "chat.completion", "created": now, "model": model_name,
             "choices": [{"index": 0, "message": {"role": "assistant", "content": answer.text},
-                         "finish_reason": finish, "logprobs": None}],
-            "usage": usage, "rag": _rag_extension(answer, opts.include_trace)})
+                         "finish_reason": answer.finish_reason, "logprobs": None}],
+            "usage": _usage(answer), "rag": _rag_extension(answer, opts.include_trace)})
 
-    async def _stream(request: Request, cid: str, now: int, messages: Sequence[ChatMessage],
-                      params: GenerationParams, opts: RagOptions) -> AsyncIterator[str]:
+    async def _sse(work: _Work, request: Request, cid: str, now: int, opts: RagOptions) -> AsyncIterator[str]:
         def chunk(delta: dict[str, Any], finish: str | None = None, **extra: Any) -> str:
-            body = {"id": cid, "object": "chat.completion.chunk", "created": now, "model": model_name,
-                    "choices": [{"index": 0, "delta": delta, "finish_reason": finish}], **extra}
-            return f"data: {json.dumps(body, ensure_ascii=False)}\n\n"
+            return json.dumps({"id": cid, "object": "chat.completion.chunk", "created": now,
+                               "model": model_name, "choices": [{"index": 0, "delta": delta,
+                                                                 "finish_reason": finish}], **extra},
+                              ensure_ascii=False)
 
-        cancel = threading.Event()
+        def error(message: str, type: str, code: str) -> str:
+            return json.dumps(error_body(message, type, code=code))
+
         try:
             yield chunk({"role": "assistant", "content": ""})
-            if hasattr(pipeline, "stream"):
-                hits, pieces = await asyncio.to_thread(pipeline.stream, messages, top_k=opts.top_k,
-                                                       params=params, cancel=cancel)
-                async for piece in iterate_in_threadpool(pieces):
-                    if await request.is_disconnected():
-                        cancel.set()  # stops generation at the next token
-                        return
-                    yield chunk({"content": piece})
-                from rag.pipeline import citations
-
-                ext = {"citations": [c.model_dump() for c in citations(hits)]}
-            else:  # Self-RAG: the answer is chosen after all candidates are scored
-                answer = (await asyncio.to_thread(pipeline.chat_batch, [messages], top_k=opts.top_k,
-                                                  params=params))[0]
-                yield chunk({"content": answer.text})
-                ext = _rag_extension(answer, opts.include_trace)
-            yield chunk({}, "stop", rag=ext)
-            yield "data: [DONE]\n\n"
+            async for event in _events(work, request, limits.timeout_s):
+                if isinstance(event, TextEvent):
+                    yield chunk({"content": event.text})
+                elif isinstance(event, DoneEvent):
+                    answer = event.answer
+                    metrics.observe(answer)
+                    yield chunk({}, answer.finish_reason, usage=_usage(answer),
+                                rag=_rag_extension(answer, opts.include_trace))
+        except _Timeout:
+            yield error(f"the request took longer than {limits.timeout_s:g}s", "server_error", "timeout")
+        except _Disconnected:
+            return
+        except ShuttingDown as e:
+            yield error(str(e), "server_error", "shutting_down")
         except RagError as e:
-            yield f"data: {json.dumps(error_body(str(e), 'server_error'))}\n\n"
+            yield error(str(e), _status(e)[1], type(e).__name__)
         finally:
-            cancel.set()
-            batcher.release()
+            inflight.done(work)
+        yield "[DONE]"
 
     return app
 
 
 def serve(pipeline: Any, *, host: str = "127.0.0.1", port: int = 8000, api_key: str | None = None,
           limits: ServiceLimits | None = None) -> None:
-    """Run the service with uvicorn (blocking)."""
+    """Run the service with uvicorn (blocking). SIGTERM or Ctrl-C aborts in-flight requests at
+    once, and the pipeline's engine (threads and processes) is shut down before this returns."""
     try:
         import uvicorn
     except ImportError:
         raise missing_extra("uvicorn", "serve") from None
     app = create_app(pipeline, api_key=api_key, limits=limits)
-    uvicorn.run(app, host=host, port=port, log_level="warning")
 
+    class Server(uvicorn.Server):
+        def handle_exit(self, sig: int, frame: Any) -> None:
+            loop = getattr(self, "_rag_loop", None)
+            if loop is not None:  # abort in-flight work now, not after the grace period
+                loop.call_soon_threadsafe(app.state.inflight.abort_all)
+            super().handle_exit(sig, frame)
+
+        async def serve(self, sockets: Any = None) -> None:
+            self._rag_loop = asyncio.get_running_loop()
+            await super().serve(sockets)
+
+    server = Server(uvicorn.Config(app, host=host, port=port, log_level="warning",
+                                   timeout_graceful_shutdown=5))
+    try:
+        server.run()
+    finally:
+        pipeline.close()

@@ -95,6 +95,60 @@ class CandidateScores(_Frozen):
     total: float
 
 
+class Usage(_Frozen):
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+
+    @property
+    def total_tokens(self) -> int:
+        return self.prompt_tokens + self.completion_tokens
+
+
+class Timings(_Frozen):
+    """Seconds spent per stage, per question (batch calls divide their time evenly)."""
+
+    retrieval_s: float = 0.0
+    generation_s: float = 0.0
+    critique_s: float = 0.0
+    first_token_s: float | None = Field(None, description="streaming: request start -> first text")
+
+
+class RetrievalDecision(_Frozen):
+    """Self-RAG: whether the pipeline retrieved, and why."""
+
+    decision: Literal["retrieve", "no_retrieval"]
+    probability: float | None = Field(None, description="adaptive mode: the normalised ratio")
+    mode: Literal["always", "never", "adaptive"]
+    critic: str
+    votes: dict[str, float] = Field(default_factory=dict, description="closed tasks: score per answer")
+
+
+class TreeNode(_Frozen):
+    """One node of a Self-RAG long-form search tree."""
+
+    id: int
+    parent: int | None
+    depth: int
+    passage_id: str | None
+    segment: str
+    score: float | None
+    done: bool
+
+
+class Trace(_Frozen):
+    """How an answer was produced (``include_trace``); every field optional."""
+
+    prompt: str | None = None
+    raw_completion: str | None = None
+    critic: str | None = None
+    best_candidate: int | None = None
+    tree: list[TreeNode] = Field(default_factory=list)
+    best_node: int | None = None
+
+
+FinishReason = Literal["stop", "length"]
+
+
 class Answer(_Frozen):
     """What every pipeline returns, whatever the entry point."""
 
@@ -102,21 +156,63 @@ class Answer(_Frozen):
     citations: list[Citation] = Field(default_factory=list)
     hits: list[Hit] = Field(default_factory=list)
     scores: list[CandidateScores] = Field(default_factory=list)
-    retrieval: dict[str, Any] = Field(default_factory=dict, description="decision and probability")
-    usage: dict[str, int] = Field(default_factory=dict)
-    trace: dict[str, Any] = Field(default_factory=dict)
+    retrieval: RetrievalDecision | None = None
+    usage: Usage = Usage()
+    timings: Timings = Timings()
+    finish_reason: FinishReason = "stop"
+    trace: Trace = Trace()
 
     def to_json(self, *, include_trace: bool = False) -> dict[str, Any]:
         out: dict[str, Any] = {
             "answer": self.text,
             "citations": [c.model_dump() for c in self.citations],
+            "hits": [h.to_json() for h in self.hits],
+            "finish_reason": self.finish_reason,
+            "usage": self.usage.model_dump(),
         }
         if self.scores:
             out["scores"] = [s.model_dump() for s in self.scores]
-        if self.retrieval:
-            out["retrieval"] = self.retrieval
-        if self.usage:
-            out["usage"] = self.usage
+        if self.retrieval is not None:
+            out["retrieval"] = self.retrieval.model_dump()
         if include_trace:
-            out["trace"] = self.trace
+            out["timings"] = self.timings.model_dump()
+            out["trace"] = self.trace.model_dump(exclude_defaults=True)
         return out
+
+
+# --- streaming ----------------------------------------------------------------------------
+
+
+class GenerationChunk(_Frozen):
+    """One step of a generator's token stream: the new text (special tokens kept) and the
+    running counts; ``finish_reason`` is set on the last chunk only."""
+
+    text: str
+    completion_tokens: int
+    prompt_tokens: int = 0
+    finish_reason: FinishReason | None = None
+
+
+class SourcesEvent(_Frozen):
+    """A pipeline stream's first event: the passages the answer will use."""
+
+    type: Literal["sources"] = "sources"
+    hits: list[Hit]
+    retrieval: RetrievalDecision | None = None
+
+
+class TextEvent(_Frozen):
+    """Cleaned answer text, in order; the pieces concatenate to ``Answer.text``."""
+
+    type: Literal["text"] = "text"
+    text: str
+
+
+class DoneEvent(_Frozen):
+    """The last event: the complete `Answer` (usage, timings, finish reason)."""
+
+    type: Literal["done"] = "done"
+    answer: Answer
+
+
+AnswerEvent = SourcesEvent | TextEvent | DoneEvent

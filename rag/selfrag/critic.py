@@ -14,7 +14,7 @@ from typing import Any
 from rag.errors import ConfigError
 from rag.generation import Generator
 from rag.prompts import ChatFormat, get_format, selfrag_paragraph, selfrag_prompt
-from rag.prompts.sanitize import neutralize, tokenizer_control_strings
+from rag.prompts.sanitize import neutralize
 from rag.selfrag.scoring import (
     Critique,
     Weights,
@@ -37,9 +37,9 @@ class TokenCritic:
 
     def __init__(self, generator: Generator, *, instruction: str | None = None):
         self.generator = generator
-        self.tokens = ReflectionTokens.from_tokenizer(generator.tokenizer)
+        self.tokens = ReflectionTokens.from_generator(generator)
         self.instruction = instruction
-        self.extra_control = tokenizer_control_strings(generator.tokenizer)
+        self.extra_control = generator.control_strings()
 
     def prompt(self, question: str) -> str:
         q = neutralize(question, self.extra_control)
@@ -47,10 +47,10 @@ class TokenCritic:
             return selfrag_prompt(self.instruction.replace("{question}", q))
         return selfrag_prompt(q)
 
-    def retrieval_steps(self, prompts: Sequence[str]) -> list[dict[int, float]]:
+    async def retrieval_steps(self, prompts: Sequence[str]) -> list[dict[int, float]]:
         """Next-token logprobs of [Retrieval]/[No Retrieval] right after each prompt."""
         t = self.tokens
-        gens = self.generator.generate(list(prompts), GenerationParams(
+        gens = await self.generator.agenerate(list(prompts), GenerationParams(
             max_new_tokens=1, logprob_token_ids=[t.retrieval, t.no_retrieval]))
         return [g.logprobs[0] if g.logprobs else {} for g in gens]
 
@@ -66,7 +66,7 @@ class TokenCritic:
     def candidate_params(self, base: GenerationParams) -> GenerationParams:
         return base.model_copy(update={"logprob_token_ids": self.tokens.all_ids})
 
-    def critique(self, items: Sequence[tuple[str, Passage, Generation]], w: Weights) -> list[Critique]:
+    async def critique(self, items: Sequence[tuple[str, Passage, Generation]], w: Weights) -> list[Critique]:
         """Scores for (question, passage, generation) triples, read off the generations."""
         t = self.tokens
         return [critique_generation(g, relevant=t.relevant, irrelevant=t.irrelevant,
@@ -99,21 +99,12 @@ class PromptedCritic:
     def __init__(self, generator: Generator, fmt: ChatFormat | None = None, *,
                  instruction: str | None = None):
         self.generator = generator
-        tok = generator.tokenizer
-        self.extra_control = tokenizer_control_strings(tok)
-        self.format = fmt or get_format("hf_template", tokenizer=tok, extra_control=self.extra_control)
+        self.extra_control = generator.control_strings()
+        self.format = fmt or get_format("hf_template", generator=generator, extra_control=self.extra_control)
         self.instruction = instruction
-        self.yes_no = self._option_ids(["Yes", "No"])
-        self.support = self._option_ids(["Fully", "Partially", "No"])
-        self.utility = self._option_ids(["1", "2", "3", "4", "5"])
-
-    def _option_ids(self, options: Sequence[str]) -> list[int]:
-        tok = self.generator.tokenizer
-        ids = [tok(o, add_special_tokens=False)["input_ids"][0] for o in options]
-        if len(set(ids)) != len(ids):
-            raise ConfigError(f"options {list(options)} share a first token in this tokenizer; "
-                              "the prompted critic cannot tell them apart")
-        return ids
+        self.yes_no = generator.first_token_ids(["Yes", "No"])
+        self.support = generator.first_token_ids(["Fully", "Partially", "No"])
+        self.utility = generator.first_token_ids(["1", "2", "3", "4", "5"])
 
     def _chat(self, content: str) -> str:
         return self.format.render([ChatMessage(role="user", content=content)])
@@ -121,8 +112,8 @@ class PromptedCritic:
     def _q(self, question: str) -> str:
         return self.instruction.replace("{question}", question) if self.instruction else question
 
-    def retrieval_steps(self, prompts: Sequence[str]) -> list[dict[int, float]]:
-        gens = self.generator.generate([self._chat(RET_Q.format(question=p)) for p in prompts],
+    async def retrieval_steps(self, prompts: Sequence[str]) -> list[dict[int, float]]:
+        gens = await self.generator.agenerate([self._chat(RET_Q.format(question=p)) for p in prompts],
                                        GenerationParams(max_new_tokens=1, logprob_token_ids=self.yes_no))
         return [g.logprobs[0] if g.logprobs else {} for g in gens]
 
@@ -143,7 +134,7 @@ class PromptedCritic:
     def candidate_params(self, base: GenerationParams) -> GenerationParams:
         return base
 
-    def critique(self, items: Sequence[tuple[str, Passage, Generation]], w: Weights) -> list[Critique]:
+    async def critique(self, items: Sequence[tuple[str, Passage, Generation]], w: Weights) -> list[Critique]:
         """Three one-token questions per (question, passage, generation), all in one call."""
         prompts = []
         for question, p, g in items:
@@ -155,7 +146,7 @@ class PromptedCritic:
         if not prompts:
             return []
         ids = sorted(set(self.yes_no + self.support + self.utility))
-        outs = self.generator.generate(prompts, GenerationParams(max_new_tokens=1, logprob_token_ids=ids))
+        outs = await self.generator.agenerate(prompts, GenerationParams(max_new_tokens=1, logprob_token_ids=ids))
         result = []
         for i, (_, _, g) in enumerate(items):
             rel, sup, use = (o.logprobs[0] if o.logprobs else {} for o in outs[3 * i: 3 * i + 3])

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -31,9 +31,22 @@ from rag.selfrag.scoring import (
     strip_reflection,
     vote,
 )
-from rag.types import Answer, CandidateScores, Citation, Generation, GenerationParams, Hit, Passage
+from rag.types import (
+    Answer,
+    CandidateScores,
+    Citation,
+    Generation,
+    GenerationParams,
+    Hit,
+    Passage,
+    RetrievalDecision,
+    Timings,
+    Trace,
+    TreeNode,
+    Usage,
+)
 
-SearchFn = Callable[[Sequence[str], int], list[list[Hit]]]
+SearchFn = Callable[[Sequence[str], int], Awaitable[list[list[Hit]]]]
 
 
 def _weights(s: SelfRagSettings) -> Weights:
@@ -61,28 +74,28 @@ class SelfRagDecoder:
         self.weights = _weights(settings)
 
     # --- retrieval decision -------------------------------------------------------------
-    def decide(self, questions: Sequence[str]) -> list[tuple[bool, float | None]]:
+    async def decide(self, questions: Sequence[str]) -> list[tuple[bool, float | None]]:
         s = self.settings
         if s.mode != "adaptive":
             return [(s.mode == "always", None)] * len(questions)
         ret, no_ret = self.critic.retrieval_ids()
-        steps = self.critic.retrieval_steps([self.critic.prompt(q) for q in questions])
+        steps = await self.critic.retrieval_steps([self.critic.prompt(q) for q in questions])
         return [should_retrieve(step, ret, no_ret, s.threshold, compat_log_ratio=s.compat_log_ratio)
                 for step in steps]
 
     # --- short form ---------------------------------------------------------------------
-    def short_form(self, questions: Sequence[str], search: SearchFn | None, top_k: int,
-                   hits: Sequence[Sequence[Hit]] | None = None) -> list[Answer]:
+    async def short_form(self, questions: Sequence[str], search: SearchFn | None, top_k: int,
+                         hits: Sequence[Sequence[Hit]] | None = None) -> list[Answer]:
         """Answer each question; ``hits`` (pre-retrieved passages) replace ``search``."""
         t0 = time.perf_counter()
-        decisions = self.decide(questions)
+        decisions = await self.decide(questions)
         retrieve = [i for i, (d, _) in enumerate(decisions) if d]
         found: dict[int, list[Hit]] = {}
         if retrieve:
             if hits is not None:
                 found = {i: list(hits[i])[:top_k] for i in retrieve}
             elif search is not None:
-                found = dict(zip(retrieve, search([questions[i] for i in retrieve], top_k), strict=True))
+                found = dict(zip(retrieve, await search([questions[i] for i in retrieve], top_k), strict=True))
         t_ret = time.perf_counter() - t0
         prompts: list[str] = []
         owners: list[tuple[int, Hit | None]] = []
@@ -95,39 +108,41 @@ class SelfRagDecoder:
                 prompts.append(self.critic.no_retrieval_prompt(q))
                 owners.append((i, None))
         t1 = time.perf_counter()
-        gens = self.generator.generate(prompts, self.critic.candidate_params(self.params))
+        gens = await self.generator.agenerate(prompts, self.critic.candidate_params(self.params))
         t_gen = time.perf_counter() - t1
         items = [(questions[i], h.passage, g) for (i, h), g in zip(owners, gens, strict=True) if h]
         t2 = time.perf_counter()
-        critiques = iter(self.critic.critique(items, self.weights))
+        critiques = iter(await self.critic.critique(items, self.weights))
         t_crit = time.perf_counter() - t2
         per_q: dict[int, list[tuple[Hit | None, Generation, Critique | None]]] = {}
         for (i, maybe_hit), g in zip(owners, gens, strict=True):
             per_q.setdefault(i, []).append((maybe_hit, g, next(critiques) if maybe_hit else None))
         n = max(1, len(questions))
-        timings = {"retrieval_s": t_ret / n, "generation_s": t_gen / n, "critique_s": t_crit / n}
-        return [self._short_answer(questions[i], decisions[i], per_q[i], timings, prompts)
-                for i in range(len(questions))]
+        timings = Timings(retrieval_s=t_ret / n, generation_s=t_gen / n, critique_s=t_crit / n)
+        return [self._short_answer(decisions[i], per_q[i], timings) for i in range(len(questions))]
 
-    def _short_answer(self, question: str, decision: tuple[bool, float | None],
+    def _decision(self, retrieved: bool, probability: float | None) -> RetrievalDecision:
+        return RetrievalDecision(decision="retrieve" if retrieved else "no_retrieval",
+                                 probability=probability, mode=self.settings.mode,
+                                 critic=self.critic.label)
+
+    def _short_answer(self, decision: tuple[bool, float | None],
                       cands: list[tuple[Hit | None, Generation, Critique | None]],
-                      timings: dict[str, float], prompts: Sequence[str]) -> Answer:
-        retrieval = {"decision": "retrieve" if cands[0][0] else "no_retrieval",
-                     "probability": decision[1], "mode": self.settings.mode,
-                     "critic": self.critic.label}
+                      timings: Timings) -> Answer:
+        retrieval = self._decision(cands[0][0] is not None, decision[1])
         tokens = sum(len(g.token_ids) for _, g, _ in cands)
-        usage = {"prompt_tokens": sum(g.prompt_tokens for _, g, _ in cands), "completion_tokens": tokens}
+        usage = Usage(prompt_tokens=sum(g.prompt_tokens for _, g, _ in cands), completion_tokens=tokens)
         if cands[0][0] is None:  # no retrieval: the single generation is the answer
             g = cands[0][1]
-            return Answer(text=postprocess(g.text), retrieval=retrieval, usage=usage,
-                          trace={"critic": self.critic.label, "timings": timings,
-                                 "raw_completion": g.text})
+            return Answer(text=postprocess(g.text), retrieval=retrieval, usage=usage, timings=timings,
+                          finish_reason=g.finish_reason,
+                          trace=Trace(critic=self.critic.label, raw_completion=g.text))
         scored = [(h, g, c) for h, g, c in cands if h is not None and c is not None]
         scores = [_scores(h.passage, postprocess(g.text), c) for h, g, c in scored]
         if self.settings.task == "closed":
             winner, sums = vote([s.text for s in scores], [s.total for s in scores])
             best = max((s for s in scores), key=lambda s: (s.total if _key(s.text) == winner else -math.inf))
-            retrieval["votes"] = sums
+            retrieval = retrieval.model_copy(update={"votes": sums})
         else:
             best = max(scores, key=lambda s: s.total)
         idx = scores.index(best)
@@ -135,16 +150,17 @@ class SelfRagDecoder:
         return Answer(text=best.text, citations=[Citation(id=hit.passage.id, title=hit.passage.title,
                                                           score=hit.score)],
                       hits=[h for h, _, _ in scored], scores=scores, retrieval=retrieval, usage=usage,
-                      trace={"critic": self.critic.label, "timings": timings,
-                             "best_candidate": idx, "raw_completion": scored[idx][1].text})
+                      timings=timings, finish_reason=scored[idx][1].finish_reason,
+                      trace=Trace(critic=self.critic.label, best_candidate=idx,
+                                  raw_completion=scored[idx][1].text))
 
     # --- long form ----------------------------------------------------------------------
-    def long_form(self, question: str, search: SearchFn | None, top_k: int,
-                  hits: Sequence[Hit] | None = None) -> Answer:
+    async def long_form(self, question: str, search: SearchFn | None, top_k: int,
+                        hits: Sequence[Hit] | None = None) -> Answer:
         if not isinstance(self.critic, TokenCritic):
             raise ConfigError("long-form tree search needs a Self-RAG model (critic: tokens): "
                               "segments are delimited by the [Retrieval] token")
-        return TreeSearch(self, question, search, top_k, hits).run()
+        return await TreeSearch(self, question, search, top_k, hits).run()
 
 
 def _key(text: str) -> str:
@@ -190,6 +206,7 @@ class TreeSearch:
         self.t = self.critic.tokens
         self.s = decoder.settings
         self.nodes: list[Node] = []
+        self.usage = [0, 0]  # prompt, completion tokens over every generation call
 
     def _new(self, **kw: Any) -> Node:
         node = Node(node_id=len(self.nodes), **kw)
@@ -201,17 +218,17 @@ class TreeSearch:
             return math.prod(scores)
         return sum(scores) / len(scores)
 
-    def _passages(self, expand: Sequence[Node]) -> list[list[Hit]]:
+    async def _passages(self, expand: Sequence[Node]) -> list[list[Hit]]:
         if self.s.segment_retrieval == "static" or self.static_hits is not None:
             if self.static_hits is None:
                 assert self.search is not None
-                self.static_hits = self.search([self.q], self.top_k)[0]
+                self.static_hits = (await self.search([self.q], self.top_k))[0]
             return [self.static_hits[: self.top_k]] * len(expand)
         if self.search is None:
             raise ConfigError("per-segment retrieval needs a retriever (or use segment_retrieval: static)")
         queries = [self.q if n.parent is None else
                    f"{self.q} {postprocess(n.segment)}".strip() for n in expand]
-        return self.search(queries, self.top_k)
+        return await self.search(queries, self.top_k)
 
     def _split(self, g: Generation) -> tuple[str, bool, bool]:
         """(segment text, wants retrieval, done) from one child generation."""
@@ -225,36 +242,37 @@ class TreeSearch:
                                                                self.t.no_retrieval)]
                 ratio = (pr[0] + pr[1]) / (pr[0] + pr[2]) if pr[0] + pr[2] > 0 else 0.0
                 if ratio > self.s.threshold:
-                    text = self.critic.generator.tokenizer.decode(
-                        ids[:j], skip_special_tokens=False, clean_up_tokenization_spaces=False)
+                    text = self.critic.generator.decode(ids[:j])
                     return text, True, False
         return g.text, False, True
 
-    def run(self) -> Answer:
+    async def run(self) -> Answer:
         t0 = time.perf_counter()
         root = self._new(prefix=self.critic.prompt(self.q))
-        (decision,) = self.d.decide([self.q])
-        retrieval = {"decision": "retrieve" if decision[0] else "no_retrieval",
-                     "probability": decision[1], "mode": self.s.mode, "critic": self.critic.label}
+        (decision,) = await self.d.decide([self.q])
+        retrieval = self.d._decision(decision[0], decision[1])
         params = self.critic.candidate_params(self.d.params).model_copy(
             update={"stop_token_ids": [self.t.retrieval]})
         if not decision[0]:
-            (g,) = self.d.generator.generate([root.prefix + "[No Retrieval]"], self.d.params)
-            return Answer(text=postprocess(g.text), retrieval=retrieval,
-                          trace={"critic": self.critic.label, "raw_completion": g.text})
+            (g,) = await self.d.generator.agenerate([root.prefix + "[No Retrieval]"], self.d.params)
+            return Answer(text=postprocess(g.text), retrieval=retrieval, finish_reason=g.finish_reason,
+                          usage=Usage(prompt_tokens=g.prompt_tokens, completion_tokens=len(g.token_ids)),
+                          trace=Trace(critic=self.critic.label, raw_completion=g.text))
         live, leaves = [root], []
         for depth in range(1, self.s.max_depth + 1):
             expand = [n for n in live if n.wants_retrieval and not n.done]
             if not expand:
                 break
             prompts, meta = [], []
-            for node, hits in zip(expand, self._passages(expand), strict=True):
+            for node, hits in zip(expand, await self._passages(expand), strict=True):
                 base = node.prefix + node.segment  # the node's OWN prefix, never a sibling's
                 for h in hits:
                     para = selfrag_paragraph(h.passage, self.critic.extra_control)
                     prompts.append(base + para)
                     meta.append((node, h, base + para))
-            gens = self.d.generator.generate(prompts, params)
+            gens = await self.d.generator.agenerate(prompts, params)
+            self.usage[0] += sum(g.prompt_tokens for g in gens)
+            self.usage[1] += sum(len(g.token_ids) for g in gens)
             children = []
             for (node, h, prefix), g in zip(meta, gens, strict=True):
                 crit = critique_generation(g, relevant=self.t.relevant, irrelevant=self.t.irrelevant,
@@ -271,14 +289,14 @@ class TreeSearch:
             live = [n for n in kept if not n.done]
         leaves += [n for n in live if n is not root]
         if not leaves:
-            return Answer(text="", retrieval=retrieval, trace={"critic": self.critic.label})
+            return Answer(text="", retrieval=retrieval, trace=Trace(critic=self.critic.label))
         if self.s.select == "deepest":
             deepest = max(n.depth for n in leaves)
             leaves = [n for n in leaves if n.depth == deepest]
         best = max(leaves, key=lambda n: self._path_score(n.segment_scores))
         return self._answer(best, retrieval, time.perf_counter() - t0)
 
-    def _answer(self, best: Node, retrieval: dict[str, Any], seconds: float) -> Answer:
+    def _answer(self, best: Node, retrieval: RetrievalDecision, seconds: float) -> Answer:
         cited: list[Hit] = []
         parts = []
         for node in best.path()[1:]:
@@ -292,15 +310,16 @@ class TreeSearch:
                 parts.append(f"{text} [{ids.index(node.hit.passage.id) + 1}]")
         scores = [_scores(n.passage, " ".join(strip_reflection(n.segment).split()), n.critique)
                   for n in best.path()[1:] if n.critique is not None]
-        tree = [{"id": n.node_id, "parent": n.parent.node_id if n.parent else None, "depth": n.depth,
-                 "passage_id": n.passage.id if n.passage else None,
-                 "segment": n.segment, "score": self._path_score(n.segment_scores) if n.segment_scores else None,
-                 "done": n.done} for n in self.nodes]
+        tree = [TreeNode(id=n.node_id, parent=n.parent.node_id if n.parent else None, depth=n.depth,
+                         passage_id=n.passage.id if n.passage else None, segment=n.segment,
+                         score=self._path_score(n.segment_scores) if n.segment_scores else None,
+                         done=n.done) for n in self.nodes]
         return Answer(text=" ".join(parts),
                       citations=[Citation(id=h.passage.id, title=h.passage.title, score=h.score) for h in cited],
                       hits=cited, scores=scores, retrieval=retrieval,
-                      trace={"critic": self.critic.label, "tree": tree, "best_node": best.node_id,
-                             "seconds": round(seconds, 4)})
+                      usage=Usage(prompt_tokens=self.usage[0], completion_tokens=self.usage[1]),
+                      timings=Timings(generation_s=seconds),
+                      trace=Trace(critic=self.critic.label, tree=tree, best_node=best.node_id))
 
 
 def to_alce(question: str, answer: Answer) -> dict[str, Any]:

@@ -29,18 +29,18 @@ class ReflectionTokens:
     support: tuple[int, int, int]  # fully, partially, none
 
     @classmethod
-    def from_tokenizer(cls, tokenizer: Any) -> ReflectionTokens:
-        """Raises `ConfigError` naming the missing tokens when the model lacks them."""
+    def from_generator(cls, generator: Any) -> ReflectionTokens:
+        """Ids through ``generator.token_id``; raises `ConfigError` naming the missing tokens
+        when the model lacks them."""
         strings = RETRIEVAL + RELEVANCE + PARAGRAPH + UTILITY + SUPPORT
         ids: dict[str, int] = {}
         missing = []
-        unk = getattr(tokenizer, "unk_token_id", None)
         for s in strings:
-            tid = tokenizer.convert_tokens_to_ids(s)
-            if tid is None or tid == unk or (isinstance(tid, int) and tid < 0):
+            tid = generator.token_id(s)
+            if tid is None:
                 missing.append(s)
             else:
-                ids[s] = int(tid)
+                ids[s] = tid
         if missing:
             raise ConfigError(
                 f"this model's tokenizer lacks the Self-RAG reflection tokens {missing}; use a "

@@ -22,7 +22,7 @@ from rag.generation.scripted import ScriptedGenerator, text_generation
 from rag.index import build_index
 from rag.pipeline import ChatRagPipeline
 from rag.retriever import DenseRetriever
-from rag.selfrag.pipeline import SelfRagPipeline
+from rag.pipeline import SelfRagPipeline
 from rag.service import ServiceLimits, create_app
 
 pytestmark = pytest.mark.integration

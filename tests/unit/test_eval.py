@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from rag.config import PipelineConfig
+from rag.config import pipeline_config
 from rag.errors import CorpusError
 from rag.eval.datasets import EvalItem, load_dataset
 from rag.eval.metrics import (
@@ -109,7 +109,7 @@ def scripted_pipeline() -> ChatRagPipeline:
         q = next(q for q in PREDICTIONS if q in prompt)
         return text_generation(PREDICTIONS[q])
     gen = ScriptedGenerator(default=answer_for)
-    return ChatRagPipeline(PipelineConfig(name="scripted", prompt={"format": "chatml"}), gen)
+    return ChatRagPipeline(pipeline_config(name="scripted", prompt={"format": "chatml"}), gen)
 
 
 def _pipeline_file(tmp_path: Path, name: str = "scripted", expected: str = "") -> Path:
@@ -168,8 +168,8 @@ def test_retrieval_pipeline_scores_gold_passages() -> None:
             return [[Hit(passage=Passage(id=i, text="t"), score=1.0, rank=r + 1)
                      for r, i in enumerate(["x", "gold", "y"][:k])] for _ in qs]
 
-    pipe = RetrievalPipeline(PipelineConfig(name="r", kind="retrieval", retrieval={"top_k": 3}), R())  # type: ignore[arg-type]
-    (a,) = pipe.chat_batch([[ChatMessage(role="user", content="q")]])
+    pipe = RetrievalPipeline(pipeline_config(name="r", kind="retrieval", retrieval={"top_k": 3}), R())  # type: ignore[arg-type]
+    (a,) = pipe.answer_batch([[ChatMessage(role="user", content="q")]])
     m = score_item(EvalItem(id="1", question="q", gold_ids=["gold"]), a, answer_metrics=False)
     assert m == {"recall@1": 0.0, "recall@5": 1.0, "recall@20": 1.0, "mrr@10": 0.5,
                  "ndcg@10": pytest.approx(1 / 1.584962500721156)}

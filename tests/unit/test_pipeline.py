@@ -2,18 +2,20 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
+import re
 from pathlib import Path
 
 import pytest
 
-from rag.config import IndexRecipe, PipelineConfig, load_pipeline_config
+from rag.config import ChatPipelineConfig, IndexRecipe, load_pipeline_config, pipeline_config
 from rag.errors import ConfigError, PromptError
 from rag.generation.scripted import ScriptedGenerator, text_generation
 from rag.index import build_index
 from rag.pipeline import ChatRagPipeline, build_context
 from rag.retriever import DenseRetriever
-from rag.types import ChatMessage, Hit, Passage
+from rag.types import ChatMessage, DoneEvent, Hit, Passage, SourcesEvent, TextEvent
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -30,15 +32,15 @@ def index(tmp_path: Path) -> Path:
     return tmp_path / "idx"
 
 
-def sciphi_config(**kw: object) -> PipelineConfig:
-    return PipelineConfig(**{"name": "t", "prompt": {"format": "sciphi"},
+def sciphi_config(**kw: object) -> ChatPipelineConfig:
+    return ChatPipelineConfig(**{"name": "t", "prompt": {"format": "sciphi"},
                              "retrieval": {"top_k": 1, "context_chars": 2048},
                              "generation": {"stop": ["<paragraph>"]}, **kw})
 
 
 def test_sciphi_flow_exact_prompt_and_cleaned_answer(index: Path) -> None:
-    gen = ScriptedGenerator(default=text_generation(
-        "[Relevant]It is in Paris.[Fully supported][Utility:5]</s>"))
+    raw = "[Relevant]It is in Paris.[Fully supported][Utility:5]</s>"
+    gen = ScriptedGenerator(default=text_generation(raw))
     pipe = ChatRagPipeline(sciphi_config(), gen, DenseRetriever(index))
     answer = pipe.chat([ChatMessage(role="user", content="Where is the Nile river?"),
                         ChatMessage(role="assistant", content="Africa."),
@@ -49,7 +51,8 @@ def test_sciphi_flow_exact_prompt_and_cleaned_answer(index: Path) -> None:
     assert prompt.endswith("### Instruction:\nWhere is the Eiffel Tower in Paris?\n\n### Response:\n"
                            "[Retrieval] <paragraph>Eiffel Tower\nThe Eiffel Tower is in Paris, France."
                            "</paragraph>")
-    assert answer.trace["prompt"] == prompt and "retrieval_s" in answer.trace["timings"]
+    assert answer.trace.prompt == prompt and answer.timings.retrieval_s > 0
+    assert answer.usage.completion_tokens == len(raw.split()) and answer.finish_reason == "stop"
 
 
 def test_retrieval_uses_the_last_user_turn_only(index: Path) -> None:
@@ -81,10 +84,10 @@ def test_context_budget_and_batching() -> None:
     assert len(used) == 5 and ctx.count("\n") == 9
 
 
-def test_chat_batch_is_one_generation_call(index: Path) -> None:
+def test_answer_batch_is_one_generation_call(index: Path) -> None:
     gen = ScriptedGenerator(default=text_generation("ok"))
     pipe = ChatRagPipeline(sciphi_config(), gen, DenseRetriever(index))
-    answers = pipe.chat_batch([[ChatMessage(role="user", content=q)] for q in ("Nile", "Eiffel", "x")])
+    answers = pipe.answer_batch([[ChatMessage(role="user", content=q)] for q in ("Nile", "Eiffel", "x")])
     assert len(gen.calls) == 1 and len(gen.calls[0]) == 3 and len(answers) == 3
 
 
@@ -99,13 +102,23 @@ def test_bad_role_fails_before_any_generation(index: Path) -> None:
 def test_streaming_holds_back_control_strings(index: Path) -> None:
     gen = ScriptedGenerator(default=text_generation("[Relevant]Paris is lovely.[Utility:5]"))
     pipe = ChatRagPipeline(sciphi_config(), gen, DenseRetriever(index))
-    hits, pieces = pipe.stream([ChatMessage(role="user", content="Eiffel")])
-    assert "".join(pieces) == "Paris is lovely." and hits[0].passage.id == "eiffel"
+    events = asyncio.run(_collect(pipe.astream([ChatMessage(role="user", content="Eiffel")])))
+    assert isinstance(events[0], SourcesEvent) and events[0].hits[0].passage.id == "eiffel"
+    texts = [e.text for e in events if isinstance(e, TextEvent)]
+    assert len(texts) > 2 and "".join(texts) == "Paris is lovely."
+    assert not any("[" in t or "]" in t for t in texts)  # no half control string ever shown
+    done = events[-1]
+    assert isinstance(done, DoneEvent) and done.answer.text == "Paris is lovely."
+    assert done.answer.citations[0].id == "eiffel" and done.answer.timings.first_token_s is not None
+
+
+async def _collect(events):  # type: ignore[no-untyped-def]
+    return [e async for e in events]
 
 
 def test_sciphi_stop_token_is_checked_before_anything_runs() -> None:
     with pytest.raises(ValueError, match="generation.stop must include '<paragraph>'"):
-        PipelineConfig(name="x", prompt={"format": "sciphi"})
+        ChatPipelineConfig(name="x", prompt={"format": "sciphi"})
 
 
 def test_pipeline_yaml_errors_name_file_and_field(tmp_path: Path) -> None:
@@ -118,3 +131,24 @@ def test_pipeline_yaml_errors_name_file_and_field(tmp_path: Path) -> None:
 @pytest.mark.parametrize("name", sorted(p.name for p in (ROOT / "pipelines").glob("*.yaml")))
 def test_shipped_pipelines_validate(name: str) -> None:
     assert load_pipeline_config(ROOT / "pipelines" / name).name
+
+
+@pytest.mark.parametrize(("data", "message"), [
+    ({"name": "x", "selfrag": {"mode": "always"}}, "field 'selfrag' is not a setting of kind: chat pipelines"),
+    ({"name": "x", "kind": "retrieval", "generator": {"backend": "hf"}},
+     "field 'generator' is not a setting of kind: retrieval pipelines"),
+    ({"name": "x", "kind": "chat", "query_rewrite": True, "kind_of": 1}, "field 'kind_of' is not a setting"),
+    ({"name": "x", "kind": "agent"}, "field 'kind' must be chat, selfrag or retrieval (got 'agent')"),
+])
+def test_pipeline_config_is_a_union_keyed_by_kind(data: dict, message: str) -> None:  # type: ignore[type-arg]
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        pipeline_config("p.yaml", **data)
+
+
+def test_pipeline_kinds_from_yaml(tmp_path: Path) -> None:
+    f = tmp_path / "p.yaml"
+    f.write_text("name: s\nkind: selfrag\nselfrag: {mode: never}\n")
+    assert type(load_pipeline_config(f)).__name__ == "SelfRagPipelineConfig"
+    f.write_text("name: c\nquery_rewrite: true\n")
+    config = load_pipeline_config(f)
+    assert config.kind == "chat" and config.query_rewrite

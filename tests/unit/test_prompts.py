@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 
 from rag.errors import PromptError
+from rag.generation.scripted import ScriptedGenerator
 from rag.prompts import (
     ChatMLFormat,
     MistralInstFormat,
@@ -93,11 +94,8 @@ def test_chatml_openorca() -> None:
 
 
 def test_hf_template_needs_a_template() -> None:
-    class NoTemplate:
-        chat_template = None
-
     with pytest.raises(PromptError, match="no chat template"):
-        get_format("hf_template", tokenizer=NoTemplate())
+        get_format("hf_template", generator=ScriptedGenerator())
     with pytest.raises(PromptError, match="unknown chat format 'alpaca'"):
         get_format("alpaca")
 

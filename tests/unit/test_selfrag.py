@@ -2,18 +2,19 @@
 
 from __future__ import annotations
 
+import asyncio
 import math
 from collections.abc import Sequence
 
 import pytest
 
-from rag.config import PipelineConfig, SelfRagSettings
+from rag.config import SelfRagSettings, pipeline_config
 from rag.errors import ConfigError
 from rag.generation.scripted import ScriptedGenerator, ScriptedTokenizer
 from rag.prompts.sanitize import REFLECTION_TOKENS
 from rag.selfrag.critic import TokenCritic
+from rag.pipeline import SelfRagPipeline
 from rag.selfrag.decoder import SelfRagDecoder, to_alce
-from rag.selfrag.pipeline import SelfRagPipeline
 from rag.selfrag.scoring import (
     Weights,
     critique_generation,
@@ -28,7 +29,7 @@ from rag.selfrag.tokens import ReflectionTokens
 from rag.types import Generation, GenerationParams, Hit, Passage
 
 TOK = ScriptedTokenizer(REFLECTION_TOKENS)
-T = ReflectionTokens.from_tokenizer(TOK)
+T = ReflectionTokens.from_generator(ScriptedGenerator(tokenizer=TOK))
 ln = math.log
 
 
@@ -53,6 +54,19 @@ def hit(pid: str, score: float = 1.0, rank: int = 1) -> Hit:
 W = Weights(rel=1.0, sup=1.0, use=0.5, seq=True)
 
 
+def short_form(dec: SelfRagDecoder, questions: Sequence[str], search, k: int):  # type: ignore[no-untyped-def]
+    """The async decoder from a test, with a plain function as its search."""
+    async def asearch(qs: Sequence[str], top_k: int) -> list[list[Hit]]:
+        return search(qs, top_k)  # type: ignore[no-any-return]
+    return asyncio.run(dec.short_form(questions, asearch, k))
+
+
+def long_form(dec: SelfRagDecoder, question: str, search, k: int):  # type: ignore[no-untyped-def]
+    async def asearch(qs: Sequence[str], top_k: int) -> list[list[Hit]]:
+        return search(qs, top_k)  # type: ignore[no-any-return]
+    return asyncio.run(dec.long_form(question, asearch, k))
+
+
 def crit(g: Generation, w: Weights = W):  # type: ignore[no-untyped-def]
     return critique_generation(g, relevant=T.relevant, irrelevant=T.irrelevant, support=T.support,
                                utility=T.utility, w=w)
@@ -64,7 +78,7 @@ def crit(g: Generation, w: Weights = W):  # type: ignore[no-untyped-def]
 def test_reflection_ids_come_from_the_tokenizer_and_missing_ones_are_named() -> None:
     assert T.retrieval == TOK.convert_tokens_to_ids("[Retrieval]") and len(set(T.all_ids)) == 15
     with pytest.raises(ConfigError, match=r"lacks the Self-RAG reflection tokens.*\[Retrieval\].*critic: prompted"):
-        ReflectionTokens.from_tokenizer(ScriptedTokenizer(["[No Retrieval]"]))
+        ReflectionTokens.from_generator(ScriptedGenerator(tokenizer=ScriptedTokenizer(["[No Retrieval]"])))
 
 
 # --- scoring: every branch ----------------------------------------------------------------
@@ -159,7 +173,7 @@ def test_short_form_picks_the_best_critiqued_candidate_in_one_batched_call() -> 
              "c": candidate(0.7, "Lyon", "none", 3)}
     script = [(lambda p, k=k: p.startswith(PROMPT) and f"text of {k}" in p, g) for k, g in cands.items()]
     dec, g = decoder(script, SelfRagSettings(mode="always"))
-    (answer,) = dec.short_form(["Where is the Eiffel Tower?"], lambda qs, k: [[hit("a"), hit("b"), hit("c")]], 3)
+    (answer,) = short_form(dec, ["Where is the Eiffel Tower?"], lambda qs, k: [[hit("a"), hit("b"), hit("c")]], 3)
     assert answer.text == "Paris" and answer.citations[0].id == "b"
     assert len(g.calls) == 1 and len(g.calls[0]) == 3  # K candidates, one call
     assert g.calls[0][1] == PROMPT + "[Retrieval]<paragraph>Tb\ntext of b</paragraph>"
@@ -167,7 +181,7 @@ def test_short_form_picks_the_best_critiqued_candidate_in_one_batched_call() -> 
     expected_b = crit(cands["b"]).total
     assert by_id["b"].total == pytest.approx(expected_b)
     assert by_id["b"].total > by_id["c"].total > by_id["a"].total
-    assert answer.retrieval["decision"] == "retrieve" and answer.retrieval["critic"] == "reflection-tokens"
+    assert answer.retrieval.decision == "retrieve" and answer.retrieval.critic == "reflection-tokens"
 
 
 def test_adaptive_no_retrieval_generates_from_no_retrieval_prompt() -> None:
@@ -175,10 +189,10 @@ def test_adaptive_no_retrieval_generates_from_no_retrieval_prompt() -> None:
     script = [(PROMPT, decision), (PROMPT + "[No Retrieval]", gen(["Paris.", "[Utility:5]"]))]
     dec, g = decoder(script, SelfRagSettings(mode="adaptive", threshold=0.2))
     searched: list[Sequence[str]] = []
-    (answer,) = dec.short_form(["Where is the Eiffel Tower?"], lambda qs, k: searched.append(qs) or [], 3)
+    (answer,) = short_form(dec, ["Where is the Eiffel Tower?"], lambda qs, k: searched.append(qs) or [], 3)
     assert answer.text == "Paris." and searched == []
-    assert answer.retrieval == {"decision": "no_retrieval", "probability": pytest.approx(0.05),
-                                "mode": "adaptive", "critic": "reflection-tokens"}
+    assert answer.retrieval.model_dump() == {"decision": "no_retrieval", "probability": pytest.approx(0.05),
+                                             "mode": "adaptive", "critic": "reflection-tokens", "votes": {}}
     assert answer.citations == [] and answer.scores == []
 
 
@@ -187,8 +201,8 @@ def test_adaptive_retrieval_above_threshold_retrieves() -> None:
     script = [(PROMPT, decision)]
     dec, _ = decoder(script, SelfRagSettings(mode="adaptive", threshold=0.2),
                      default=candidate(0.9, "Paris", "full", 5))
-    (answer,) = dec.short_form(["Where is the Eiffel Tower?"], lambda qs, k: [[hit("b")]], 1)
-    assert answer.retrieval["decision"] == "retrieve" and answer.retrieval["probability"] == pytest.approx(0.25)
+    (answer,) = short_form(dec, ["Where is the Eiffel Tower?"], lambda qs, k: [[hit("b")]], 1)
+    assert answer.retrieval.decision == "retrieve" and answer.retrieval.probability == pytest.approx(0.25)
 
 
 def test_closed_task_votes_over_normalised_answers() -> None:
@@ -196,16 +210,16 @@ def test_closed_task_votes_over_normalised_answers() -> None:
              "c": candidate(0.6, "True.", "none", 3)}
     script = [(lambda p, k=k: f"text of {k}" in p, g) for k, g in cands.items()]
     dec, _ = decoder(script, SelfRagSettings(mode="always", task="closed"))
-    (answer,) = dec.short_form(["Claim?"], lambda qs, k: [[hit("a"), hit("b"), hit("c")]], 3)
+    (answer,) = short_form(dec, ["Claim?"], lambda qs, k: [[hit("a"), hit("b"), hit("c")]], 3)
     single_best = max(answer.scores, key=lambda s: s.total)
     assert single_best.passage_id == "a"  # alone "false" would win...
     assert normalise_closed_answer(answer.text) == "true"  # ...but two "true" votes sum higher
-    assert answer.retrieval["votes"]["true"] > answer.retrieval["votes"]["false"]
+    assert answer.retrieval.votes["true"] > answer.retrieval.votes["false"]
 
 
 def test_batch_of_questions_shares_one_candidate_call() -> None:
     dec, g = decoder([], SelfRagSettings(mode="always"), default=candidate(0.9, "x", "full", 5))
-    answers = dec.short_form(["q1", "q2"], lambda qs, k: [[hit("a"), hit("b")] for _ in qs], 2)
+    answers = short_form(dec, ["q1", "q2"], lambda qs, k: [[hit("a"), hit("b")] for _ in qs], 2)
     assert len(answers) == 2 and len(g.calls) == 1 and len(g.calls[0]) == 4
 
 
@@ -236,7 +250,7 @@ def test_tree_search_prunes_to_beam_width_and_builds_prefixes_from_own_parent() 
                                segment_retrieval="static")
     dec = SelfRagDecoder(g, TokenCritic(g), settings, GenerationParams(max_new_tokens=50))
     passages = [hit("a", rank=1), hit("b", rank=2), hit("c", rank=3)]
-    answer = dec.long_form("Tell me about it.", lambda qs, k: [passages for _ in qs], 3)
+    answer = long_form(dec, "Tell me about it.", lambda qs, k: [passages for _ in qs], 3)
     depth1, depth2 = g.calls[0], g.calls[1]
     assert len(g.calls) == 2 and len(depth1) == 3
     assert len(depth2) == 6  # beam 2 (a, b) x 3 passages; c was pruned
@@ -249,8 +263,8 @@ def test_tree_search_prunes_to_beam_width_and_builds_prefixes_from_own_parent() 
                             + ("Alpha one." if parent == "a" else "Beta one.") + "[Fully supported][Retrieval]")
     assert answer.text == "Alpha one. [1] Alpha two. [1]"
     assert [c.id for c in answer.citations] == ["a"]
-    tree = answer.trace["tree"]
-    assert len(tree) == 1 + 3 + 6 and tree[answer.trace["best_node"]]["depth"] == 2
+    tree = answer.trace.tree
+    assert len(tree) == 1 + 3 + 6 and tree[answer.trace.best_node].depth == 2
     alce = to_alce("Tell me about it.", answer)
     assert alce["output"] == answer.text and alce["docs"][0]["id"] == "a"
 
@@ -276,7 +290,7 @@ def test_tree_search_citations_point_at_each_segments_passage() -> None:
         queries.append(list(qs))
         return [[hit("a"), hit("b")] for _ in qs]
 
-    answer = dec.long_form("Q?", search, 2)
+    answer = long_form(dec, "Q?", search, 2)
     assert answer.text == "First. [1] Second. [2]"
     assert [c.id for c in answer.citations] == ["a", "b"]
     assert queries == [["Q?"], ["Q? First."]]  # per-segment: question + previous segment
@@ -287,16 +301,16 @@ def test_compat_product_and_deepest_selection() -> None:
     settings = SelfRagSettings(mode="always", decoding="long", beam_width=3, max_depth=2,
                                segment_retrieval="static", path_score="product", select="deepest")
     dec = SelfRagDecoder(g, TokenCritic(g), settings, GenerationParams(max_new_tokens=50))
-    answer = dec.long_form("Q", lambda qs, k: [[hit("a"), hit("b"), hit("c")] for _ in qs], 3)
-    best = [n for n in answer.trace["tree"] if n["id"] == answer.trace["best_node"]][0]
-    assert best["depth"] == 2
+    answer = long_form(dec, "Q", lambda qs, k: [[hit("a"), hit("b"), hit("c")] for _ in qs], 3)
+    best = [n for n in answer.trace.tree if n.id == answer.trace.best_node][0]
+    assert best.depth == 2
     scores = answer.scores
-    assert best["score"] == pytest.approx(math.prod(s.total for s in scores))
+    assert best.score == pytest.approx(math.prod(s.total for s in scores))
 
 
 def test_long_form_needs_reflection_tokens_and_pipeline_wiring() -> None:
     g = ScriptedGenerator(default=candidate(0.9, "Paris", "full", 5), tokenizer=TOK)
-    config = PipelineConfig(name="s", kind="selfrag", selfrag={"mode": "always"}, retrieval={"top_k": 2})
+    config = pipeline_config(name="s", kind="selfrag", selfrag={"mode": "always"}, retrieval={"top_k": 2})
 
     class R:
         def search_batch(self, qs: Sequence[str], k: int) -> list[list[Hit]]:

@@ -1,0 +1,41 @@
+"""`build_pipeline`: the generator and retriever a config names, in the pipeline of its kind."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from rag.config import PipelineConfig, RetrievalPipelineConfig, SelfRagPipelineConfig
+from rag.errors import ConfigError
+from rag.generation import Generator, load_generator
+from rag.retriever import Retriever, load_retriever
+
+
+def build_pipeline(config: PipelineConfig, *, index: str | Path | None = None,
+                   generator: Generator | None = None, retriever: Retriever | None = None) -> Any:
+    """Load the generator and retriever a config names (``index`` overrides the config's).
+
+    Returns a `rag.pipeline.Pipeline`: `ChatRagPipeline`, `SelfRagPipeline` or
+    `RetrievalPipeline` by ``config.kind``."""
+    from rag.pipeline import ChatRagPipeline, RetrievalPipeline, SelfRagPipeline
+
+    folder = index or config.index
+    if retriever is None and folder is not None and config.retrieval.mode != "none":
+        retriever = load_retriever(folder, config.retrieval.mode, device=config.retrieval.device)
+    if isinstance(config, RetrievalPipelineConfig):
+        if retriever is None:
+            raise ConfigError(f"pipeline {config.name!r} is retrieval-only and needs an index (--index)")
+        return RetrievalPipeline(config, retriever)
+    if generator is None:
+        g = config.generator
+        kw: dict[str, Any] = {"dtype": g.dtype}
+        if g.backend == "hf":
+            kw["batch_size"] = g.batch_size
+        elif g.backend == "vllm":
+            kw.update(max_model_len=g.max_model_len, gpu_memory_utilization=g.gpu_memory_utilization)
+        else:
+            raise ConfigError("the scripted backend needs a generator object (tests and demos)")
+        generator = load_generator(g.backend, g.model, **kw)
+    if isinstance(config, SelfRagPipelineConfig):
+        return SelfRagPipeline(config, generator, retriever)
+    return ChatRagPipeline(config, generator, retriever)

@@ -1,0 +1,35 @@
+"""`RetrievalPipeline` (``kind: retrieval``): ranked hits, no text."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+
+from rag.config import RetrievalPipelineConfig
+from rag.pipeline import BasePipeline, Conversation, citations
+from rag.prompts import last_user_message
+from rag.retriever import Retriever
+from rag.types import Answer, GenerationParams, Hit, Timings
+
+
+class RetrievalPipeline(BasePipeline):
+    """Answers carry the ranked hits of the last user turn and no text: retrieval evaluation,
+    ``rag ask`` on an index, with the same retriever objects the other pipelines use."""
+
+    config: RetrievalPipelineConfig
+
+    def __init__(self, config: RetrievalPipelineConfig, retriever: Retriever):
+        super().__init__(config, None, retriever)
+
+    async def aanswer_batch(self, conversations: Sequence[Conversation], *, top_k: int | None = None,
+                            params: GenerationParams | None = None,
+                            hits: Sequence[Sequence[Hit]] | None = None) -> list[Answer]:
+        for convo in conversations:
+            self.validate(convo)
+        k = top_k or self.config.retrieval.top_k
+        t0 = time.perf_counter()
+        found = [list(h)[:k] for h in hits] if hits is not None else await self.asearch(
+            [last_user_message(c) for c in conversations], k)
+        t = (time.perf_counter() - t0) / max(1, len(conversations))
+        return [Answer(text="", hits=h, citations=citations(h), timings=Timings(retrieval_s=t))
+                for h in found]

