@@ -94,6 +94,7 @@ class ChatRequest(BaseModel):
     stream: bool = False
     stop: str | list[str] | None = None
     seed: int | None = None
+    min_tokens: int | None = Field(None, ge=0, description="vLLM's extension: generate at least N tokens")
     rag: RagOptions | None = None
 
 
@@ -275,6 +276,8 @@ def _params(req: ChatRequest, base: GenerationParams, limits: ServiceLimits) -> 
         update["top_p"] = req.top_p
     if req.seed is not None:
         update["seed"] = req.seed
+    if req.min_tokens is not None:
+        update["min_new_tokens"] = min(req.min_tokens, update.get("max_new_tokens", base.max_new_tokens))
     return base.model_copy(update=update)
 
 
@@ -526,6 +529,7 @@ def serve(pipeline: Any, *, host: str = "127.0.0.1", port: int = 8000, api_key: 
         import uvicorn
     except ImportError:
         raise missing_extra("uvicorn", "serve") from None
+    pipeline.load()  # the engine starts before the port opens, not on the first request
     app = create_app(pipeline, api_key=api_key, limits=limits)
 
     class Server(uvicorn.Server):

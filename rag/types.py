@@ -45,6 +45,7 @@ class GenerationParams(_Frozen):
     """Decoding settings shared by every backend."""
 
     max_new_tokens: int = Field(256, ge=1, le=32768, description="tokens to generate at most")
+    min_new_tokens: int = Field(0, ge=0, le=32768, description="tokens to generate before EOS may end it")
     temperature: float = Field(0.0, ge=0.0, le=5.0, description="0 = greedy")
     top_p: float = Field(1.0, gt=0.0, le=1.0)
     seed: int | None = None

@@ -251,6 +251,7 @@ class TransformersGenerator(TokenizerOps):
 
     def _gen_kwargs(self, params: GenerationParams) -> dict[str, Any]:
         kw: dict[str, Any] = {"max_new_tokens": params.max_new_tokens,
+                              "min_new_tokens": params.min_new_tokens or None,
                               "eos_token_id": self._eos_ids(params),
                               "pad_token_id": self._tokenizer.pad_token_id}
         if params.temperature > 0:

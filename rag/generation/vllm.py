@@ -70,7 +70,8 @@ def sampling_params(params: GenerationParams, *, stream: bool = False) -> Any:
     from vllm.sampling_params import RequestOutputKind
 
     return SamplingParams(
-        n=1, max_tokens=params.max_new_tokens, temperature=params.temperature,
+        n=1, max_tokens=params.max_new_tokens, min_tokens=params.min_new_tokens,
+        temperature=params.temperature,
         top_p=params.top_p, seed=params.seed, stop=params.stop or None,
         stop_token_ids=params.stop_token_ids or None,
         # 0 = the sampled token's logprob only; with logprob_token_ids set vLLM returns those

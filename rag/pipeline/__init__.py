@@ -46,6 +46,8 @@ class Pipeline(Protocol):
 
     def search(self, query: str, top_k: int) -> list[Hit]: ...
 
+    def load(self) -> Pipeline: ...
+
     async def aanswer_batch(self, conversations: Sequence[Conversation], *, top_k: int | None = None,
                             params: GenerationParams | None = None,
                             hits: Sequence[Sequence[Hit]] | None = None) -> list[Answer]: ...
@@ -130,6 +132,15 @@ class BasePipeline:
 
     def ask(self, question: str, **kw: Any) -> Answer:
         return self.chat([ChatMessage(role="user", content=question)], **kw)
+
+    def load(self) -> BasePipeline:
+        """Do the heavy work now rather than on the first request: load the generator and the
+        retriever's query encoder (one warm-up query). Idempotent."""
+        if self.generator is not None:
+            self.generator.load()
+        if self.retriever is not None:
+            self.search("warm-up", 1)
+        return self
 
     def close(self) -> None:
         """Stop the generator's engine (its threads and processes); idempotent."""

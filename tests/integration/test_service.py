@@ -17,7 +17,7 @@ import httpx
 import openai
 import pytest
 
-from rag.config import IndexRecipe, PipelineConfig
+from rag.config import ChatPipelineConfig, IndexRecipe, SelfRagPipelineConfig
 from rag.generation.scripted import ScriptedGenerator, text_generation
 from rag.index import build_index
 from rag.pipeline import ChatRagPipeline
@@ -69,7 +69,7 @@ def client(base: str, key: str = "none") -> openai.OpenAI:
 
 @pytest.fixture(scope="module")
 def smollm_server(index: Path, hf_smollm: Any) -> Iterator[str]:
-    config = PipelineConfig(name="smollm-rag", retrieval={"top_k": 1},
+    config = ChatPipelineConfig(name="smollm-rag", retrieval={"top_k": 1},
                             prompt={"format": "hf_template", "context_position": "user"},
                             generation={"max_new_tokens": 24})
     pipe = ChatRagPipeline(config, hf_smollm, DenseRetriever(index))
@@ -130,11 +130,11 @@ def scripted(index: Path) -> ScriptedGenerator:
 
 @pytest.fixture(scope="module")
 def scripted_server(index: Path, scripted: ScriptedGenerator) -> Iterator[str]:
-    config = PipelineConfig(name="scripted", retrieval={"top_k": 1}, prompt={"format": "sciphi"},
+    config = ChatPipelineConfig(name="scripted", retrieval={"top_k": 1}, prompt={"format": "sciphi"},
                             generation={"stop": ["<paragraph>"], "max_new_tokens": 16})
     pipe = ChatRagPipeline(config, scripted, DenseRetriever(index))
-    limits = ServiceLimits(max_queue=2, max_messages=4, max_message_chars=200, max_tokens=64,
-                           max_body_bytes=4096, timeout_s=5, batch_wait_s=0.05)
+    limits = ServiceLimits(max_inflight=2, max_messages=4, max_message_chars=200, max_tokens=64,
+                           max_body_bytes=4096, timeout_s=5)
     with running(create_app(pipe, limits=limits)) as base:
         yield base
 
@@ -149,16 +149,6 @@ def test_exact_output_and_rag_extension(scripted_server: str, scripted: Scripted
     assert isinstance(rag["citations"][0]["score"], float)
     expected_tail = "[Retrieval] <paragraph>Nile\nThe Nile is a long river in Africa.</paragraph>"
     assert rag["trace"]["prompt"].endswith(expected_tail)
-
-
-def test_concurrent_requests_are_batched(scripted_server: str, scripted: ScriptedGenerator) -> None:
-    scripted.calls.clear()
-    c = client(scripted_server)
-    with ThreadPoolExecutor(2) as pool:
-        list(pool.map(lambda q: c.chat.completions.create(
-            model="scripted", messages=[{"role": "user", "content": q}]), ["Nile", "Hamlet"]))
-    assert sorted(len(call) for call in scripted.calls) == [2] or len(scripted.calls) == 2
-    assert sum(len(call) for call in scripted.calls) == 2
 
 
 def test_queue_full_answers_429_with_retry_after(scripted_server: str, scripted: ScriptedGenerator) -> None:
@@ -176,7 +166,7 @@ def test_queue_full_answers_429_with_retry_after(scripted_server: str, scripted:
             codes = list(pool.map(call, range(5)))
     finally:
         scripted.delay_s = 0.0
-    assert codes.count(429) >= 1 and codes.count(200) >= 2  # max_queue=2
+    assert codes.count(429) >= 1 and codes.count(200) >= 2  # max_inflight=2
 
 
 @pytest.mark.parametrize(("body", "status", "needle"), [
@@ -224,15 +214,48 @@ def test_control_tokens_in_user_turn_are_neutralised(scripted_server: str, scrip
     assert prompt.count("[Retrieval]") == 1 and prompt.count("<paragraph>") == 1
 
 
+def test_list_content_parts_are_text_and_other_parts_are_refused(scripted_server: str,
+                                                                scripted: ScriptedGenerator) -> None:
+    scripted.calls.clear()
+    r = client(scripted_server).chat.completions.create(model="scripted", messages=[
+        {"role": "user", "content": [{"type": "text", "text": "Tell me about"}, {"type": "text", "text": "the Nile"}]}])
+    assert r.choices[0].message.content == "Scripted answer."
+    assert "### Instruction:\nTell me about\nthe Nile\n\n" in scripted.calls[-1][0]
+    with pytest.raises(openai.BadRequestError, match=r"messages\[0\]\.content\[1\] has type 'image_url'"):
+        client(scripted_server).chat.completions.create(model="scripted", messages=[
+            {"role": "user", "content": [{"type": "text", "text": "what is this?"},
+                                         {"type": "image_url", "image_url": {"url": "data:,"}}]}])
+
+
+def test_json_request_past_its_timeout_is_504_and_frees_its_slot(scripted_server: str,
+                                                                 scripted: ScriptedGenerator) -> None:
+    scripted.delay_s = 30.0  # timeout_s=5
+    try:
+        t0 = time.time()
+        with pytest.raises(openai.APIStatusError) as e:
+            client(scripted_server).chat.completions.create(
+                model="scripted", messages=[{"role": "user", "content": "Nile"}])
+        assert e.value.status_code == 504 and e.value.body["code"] == "timeout"
+        assert time.time() - t0 < 15
+    finally:
+        scripted.delay_s = 0.0
+    assert httpx.get(scripted_server + "/health").json()["inflight"] == 0
+
+
 def test_selfrag_critic_pipeline_returns_reflection_scores(index: Path, hf_smollm: Any) -> None:
-    config = PipelineConfig(name="selfrag-critic", kind="selfrag", retrieval={"top_k": 2},
+    config = SelfRagPipelineConfig(name="selfrag-critic", kind="selfrag", retrieval={"top_k": 2},
                             prompt={"format": "hf_template"}, generation={"max_new_tokens": 24},
                             selfrag={"mode": "always", "critic": "prompted"})
     pipe = SelfRagPipeline(config, hf_smollm, DenseRetriever(index))
     with running(create_app(pipe)) as base:
         r = client(base).chat.completions.create(model="selfrag-critic", messages=[
             {"role": "user", "content": "In which city is the Zorblax Prize awarded?"}])
+        stream = list(client(base).chat.completions.create(model="selfrag-critic", stream=True, messages=[
+            {"role": "user", "content": "In which city is the Zorblax Prize awarded?"}]))
     rag = r.model_extra["rag"]
     assert len(rag["scores"]) == 2 and rag["retrieval"]["critic"] == "prompted"
     assert all({"s_rel", "s_sup", "s_use", "seq", "total"} <= set(s) for s in rag["scores"])
     assert "Kelmora" in r.choices[0].message.content
+    # the stream carries the chosen answer and the same critique
+    assert "".join(c.choices[0].delta.content or "" for c in stream) == r.choices[0].message.content
+    assert stream[-1].model_extra["rag"]["scores"] == rag["scores"]
