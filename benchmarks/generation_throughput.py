@@ -50,7 +50,7 @@ def main() -> None:
                       ("vllm-cpu", VLLMGenerator("smollm2-135m-instruct", dtype="float32",
                                                  max_model_len=2048))]:
         _, t_load = timed(gen.load)
-        fmt = get_format("hf_template", tokenizer=gen.tokenizer, context_position="user")
+        fmt = get_format("hf_template", generator=gen, context_position="user")
         prompts = [fmt.render([ChatMessage(role="user", content=q)], f"{t}\n{c}") for t, c, q, _ in qs]
         gen.generate(prompts[:2], GenerationParams(max_new_tokens=4))  # warm-up
         outs, t = timed(lambda gen=gen, prompts=prompts: gen.generate(prompts, params))
@@ -60,8 +60,7 @@ def main() -> None:
         results[name] = t
         rows.append([name, round(t_load, 1), round(t, 2), round(len(qs) / t, 2), round(tokens / t, 1),
                      tokens, round(hit, 3)])
-        if hasattr(gen, "close"):
-            gen.close()
+        gen.close()
     print(f"{len(qs)} SQuAD-dev questions + gold paragraph, SmolLM2-135M-Instruct fp32, greedy, "
           f"{args.max_new_tokens} new tokens, one batched call")
     print(table(rows, ["backend", "load s", "generate s", "questions/s", "tokens/s", "tokens",

@@ -6,7 +6,7 @@ the Python API as the baseline.
 Starts `rag serve` as a subprocess on 127.0.0.1 (a free port), sends each level's requests with
 that many in flight (httpx, asyncio), and reports throughput, p50/p95/p99 latency, errors (5xx
 and other failures) and 429s separately. Baseline: the same questions through
-`pipeline.chat_batch` in batches of the concurrency level, in this process.
+`pipeline.answer_batch` in batches of the concurrency level, in this process.
 """
 
 from __future__ import annotations
@@ -78,7 +78,7 @@ def main() -> None:
         port = s.getsockname()[1]
     rag = str(Path(sys.executable).with_name("rag"))
     server = subprocess.Popen([rag, "serve", "--pipeline", args.pipeline, "--index", args.index,
-                               "--port", str(port), "--max-queue", "64"],
+                               "--port", str(port), "--max-inflight", "64"],
                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=os.environ.copy())
     base = f"http://127.0.0.1:{port}"
     try:
@@ -104,16 +104,16 @@ def main() -> None:
     from rag.pipeline import build_pipeline
     from rag.types import ChatMessage
 
-    pipe = build_pipeline(load_pipeline_config(args.pipeline), index=args.index)
+    pipe = build_pipeline(load_pipeline_config(args.pipeline), index=args.index).load()
     params = pipe.config.generation.model_copy(update={"max_new_tokens": args.max_tokens})
-    pipe.chat_batch([[ChatMessage(role="user", content=QUESTIONS[0])]], params=params)  # warm-up
+    pipe.answer_batch([[ChatMessage(role="user", content=QUESTIONS[0])]], params=params)  # warm-up
     rows = []
     for c in levels:
         convos = [[ChatMessage(role="user", content=QUESTIONS[i % len(QUESTIONS)])]
                   for i in range(args.requests)]
         t0 = time.perf_counter()
         for i in range(0, len(convos), c):
-            pipe.chat_batch(convos[i: i + c], params=params)
+            pipe.answer_batch(convos[i: i + c], params=params)
         api_rps = args.requests / (time.perf_counter() - t0)
         s = served[c]
         rows.append([c, s["ok"], round(s["rps"], 2), round(s["p50"], 2), round(s["p95"], 2),

@@ -30,6 +30,7 @@ pytestmark = [pytest.mark.integration, pytest.mark.slow]
 MAX_INFLIGHT, TIMEOUT_S = 16, 15
 QUESTION = "In which city is the Zorblax Prize awarded?"
 LONG = [{"role": "user", "content": "Count from 1 to 5000, one number per line."}]
+LONG_BODY = {"model": "smollm-vllm", "stream": True, "max_tokens": 1500, "min_tokens": 1500, "messages": LONG}
 
 
 @pytest.fixture(scope="module")
@@ -125,8 +126,8 @@ def test_stream_bound_is_429_and_disconnects_free_their_slots(server: tuple[str,
     streams, http = [], httpx.Client(timeout=60)
     try:
         for _ in range(MAX_INFLIGHT):  # long streams holding every slot
-            resp = http.send(http.build_request("POST", base + "/v1/chat/completions", json={
-                "model": "smollm-vllm", "stream": True, "max_tokens": 1500, "min_tokens": 1500, "messages": LONG}), stream=True)
+            resp = http.send(http.build_request("POST", base + "/v1/chat/completions", json=LONG_BODY),
+                             stream=True)
             assert resp.status_code == 200
             streams.append(resp)
         readers = [r.iter_lines() for r in streams]  # kept: dropping one closes its connection
@@ -149,8 +150,7 @@ def test_stream_bound_is_429_and_disconnects_free_their_slots(server: tuple[str,
 def test_stream_past_its_timeout_ends_with_an_error_event_then_done(server: tuple[str, Any]) -> None:
     base, _ = server
     t0 = time.time()
-    with httpx.stream("POST", base + "/v1/chat/completions", timeout=120, json={
-            "model": "smollm-vllm", "stream": True, "max_tokens": 1500, "min_tokens": 1500, "messages": LONG}) as r:
+    with httpx.stream("POST", base + "/v1/chat/completions", timeout=120, json=LONG_BODY) as r:
         events = [line[len("data: "):] for line in r.iter_lines() if line.startswith("data: ")]
     assert TIMEOUT_S <= time.time() - t0 < TIMEOUT_S + 10
     assert events[-1] == "[DONE]"
@@ -168,8 +168,7 @@ def test_sigterm_aborts_streams_stops_quickly_and_leaves_no_process(server: tupl
     children = psutil.Process(proc.pid).children(recursive=True)
     assert any("EngineCore" in " ".join(p.cmdline()) + p.name() for p in children), \
         [p.name() for p in children]
-    with httpx.stream("POST", base + "/v1/chat/completions", timeout=60, json={
-            "model": "smollm-vllm", "stream": True, "max_tokens": 1500, "min_tokens": 1500, "messages": LONG}) as r:
+    with httpx.stream("POST", base + "/v1/chat/completions", timeout=60, json=LONG_BODY) as r:
         lines = r.iter_lines()
         assert next(lines).startswith("data: ")
         t0 = time.time()

@@ -20,9 +20,8 @@ import pytest
 from rag.config import ChatPipelineConfig, IndexRecipe, SelfRagPipelineConfig
 from rag.generation.scripted import ScriptedGenerator, text_generation
 from rag.index import build_index
-from rag.pipeline import ChatRagPipeline
+from rag.pipeline import ChatRagPipeline, SelfRagPipeline
 from rag.retriever import DenseRetriever
-from rag.pipeline import SelfRagPipeline
 from rag.service import ServiceLimits, create_app
 
 pytestmark = pytest.mark.integration

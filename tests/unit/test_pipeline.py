@@ -152,3 +152,27 @@ def test_pipeline_kinds_from_yaml(tmp_path: Path) -> None:
     f.write_text("name: c\nquery_rewrite: true\n")
     config = load_pipeline_config(f)
     assert config.kind == "chat" and config.query_rewrite
+
+
+def test_langchain_chat_model_uses_the_pipeline_batch_and_stream(index: Path) -> None:
+    from langchain_core.messages import AIMessage, HumanMessage, SystemMessage, ToolMessage
+
+    from rag.integrations.langchain import RagChatModel
+
+    gen = ScriptedGenerator(default=text_generation("[Relevant]It is in Paris, France.[Utility:5]"))
+    chat = RagChatModel(pipeline=ChatRagPipeline(sciphi_config(), gen, DenseRetriever(index)))
+    convo = [SystemMessage("Be brief."), HumanMessage("Nile?"), AIMessage("Africa."),
+             HumanMessage("Where is the Eiffel Tower?")]
+    out = chat.invoke(convo)
+    assert out.content == "It is in Paris, France."
+    assert out.response_metadata["citations"][0]["id"] == "eiffel"
+    assert out.usage_metadata["output_tokens"] == len("[Relevant]It is in Paris, France.[Utility:5]".split())
+    (prompt,) = gen.calls[-1]
+    assert "Be brief." in prompt and "### Response:\nAfrica.\n\n" in prompt
+    chunks = list(chat.stream(convo))
+    assert len(chunks) > 2 and "".join(str(c.content) for c in chunks) == out.content
+    achunks = asyncio.run(_collect(chat.astream(convo)))
+    assert "".join(str(c.content) for c in achunks) == out.content
+    assert [o.content for o in chat.batch([[HumanMessage("Nile?")], [HumanMessage("Eiffel?")]])] == [out.content] * 2
+    with pytest.raises(PromptError, match="ToolMessage"):
+        chat.invoke([ToolMessage("x", tool_call_id="1"), HumanMessage("y")])

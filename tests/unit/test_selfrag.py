@@ -11,9 +11,9 @@ import pytest
 from rag.config import SelfRagSettings, pipeline_config
 from rag.errors import ConfigError
 from rag.generation.scripted import ScriptedGenerator, ScriptedTokenizer
+from rag.pipeline import SelfRagPipeline
 from rag.prompts.sanitize import REFLECTION_TOKENS
 from rag.selfrag.critic import TokenCritic
-from rag.pipeline import SelfRagPipeline
 from rag.selfrag.decoder import SelfRagDecoder, to_alce
 from rag.selfrag.scoring import (
     Weights,
