@@ -12,6 +12,13 @@ from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = Path(os.environ.get("RAG_SHARED_DATA", ROOT.parent / "shared" / "data"))
+# questions about the pydoc demo index, for the serving benchmarks
+PYDOC_QUESTIONS = ["What does the with statement do?", "How do I catch an exception?",
+                   "What is a generator function?", "How does the del statement work?",
+                   "What is the difference between is and ==?", "What does the global statement do?",
+                   "How are default argument values evaluated?", "What is a lambda expression?",
+                   "What does yield do?", "How do I define a class?", "What is operator precedence?",
+                   "What does the pass statement do?"]
 
 
 def timed(fn: Callable[[], Any]) -> tuple[Any, float]:

@@ -21,14 +21,8 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import PYDOC_QUESTIONS as QUESTIONS  # noqa: E402
 from _common import ROOT, table  # noqa: E402
-
-QUESTIONS = ["What does the with statement do?", "How do I catch an exception?",
-             "What is a generator function?", "How does the del statement work?",
-             "What is the difference between is and ==?", "What does the global statement do?",
-             "How are default argument values evaluated?", "What is a lambda expression?",
-             "What does yield do?", "How do I define a class?", "What is operator precedence?",
-             "What does the pass statement do?"]
 
 
 def pct(values: list[float], q: float) -> float:

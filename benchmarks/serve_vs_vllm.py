@@ -26,14 +26,9 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import PYDOC_QUESTIONS as QUESTIONS  # noqa: E402
 from _common import ROOT, table  # noqa: E402
 
-QUESTIONS = ["What does the with statement do?", "How do I catch an exception?",
-             "What is a generator function?", "How does the del statement work?",
-             "What is the difference between is and ==?", "What does the global statement do?",
-             "How are default argument values evaluated?", "What is a lambda expression?",
-             "What does yield do?", "How do I define a class?", "What is operator precedence?",
-             "What does the pass statement do?"]
 PIPELINE = """name: bench
 retrieval: {{top_k: 3, context_chars: 1500}}
 generator: {{backend: {backend}, dtype: float32, max_model_len: 2048}}

@@ -76,6 +76,18 @@ def run_sync(factory: Callable[[], Coroutine[Any, Any, T]]) -> T:
         return pool.submit(lambda: asyncio.run(factory())).result()
 
 
+async def drain(sink: asyncio.Queue[Any]) -> AsyncIterator[GenerationChunk]:
+    """Chunks from a backend's queue until the one with a finish reason; an exception put on the
+    queue is raised here."""
+    while True:
+        item = await sink.get()
+        if isinstance(item, BaseException):
+            raise item
+        yield item
+        if item.finish_reason is not None:
+            return
+
+
 def iterate_sync(factory: Callable[[], AsyncIterator[T]]) -> Iterator[T]:
     """Iterate an async iterator from synchronous code: it runs on a private event loop in a
     helper thread; items cross through a queue. Leaving the loop early cancels the iterator."""

@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from rag.errors import ConfigError, GenerationError, missing_extra
-from rag.generation import TokenizerOps, stream_visible
+from rag.generation import TokenizerOps, drain, stream_visible
 from rag.models import resolve_model
 from rag.types import Generation, GenerationChunk, GenerationParams
 
@@ -186,13 +186,8 @@ class TransformersGenerator(TokenizerOps):
         row = self._submit(prompt, params, stream=True)
         assert row.sink is not None
         try:
-            while True:
-                item = await row.sink.get()
-                if isinstance(item, BaseException):
-                    raise item
-                yield item
-                if item.finish_reason is not None:
-                    return
+            async for chunk in drain(row.sink):
+                yield chunk
         finally:
             row.cancelled.set()
 

@@ -28,7 +28,7 @@ from collections.abc import AsyncIterator, Sequence
 from typing import Any
 
 from rag.errors import ConfigError, GenerationError, missing_extra
-from rag.generation import TokenizerOps
+from rag.generation import TokenizerOps, drain
 from rag.models import resolve_model
 from rag.types import Generation, GenerationChunk, GenerationParams
 
@@ -265,13 +265,8 @@ class VLLMGenerator(TokenizerOps):
 
         task = asyncio.run_coroutine_threadsafe(pump(), loop)
         try:
-            while True:
-                item = await sink.get()
-                if isinstance(item, BaseException):
-                    raise item
-                yield item
-                if item.finish_reason is not None:
-                    return
+            async for chunk in drain(sink):
+                yield chunk
         finally:
             task.cancel()  # aborts the request in the engine if it is still running
 
