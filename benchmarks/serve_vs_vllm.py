@@ -125,13 +125,13 @@ async def level(url: str, bodies: list[dict[str, Any]], concurrency: int, stream
             "errors": errors, "n": len(bodies)}
 
 
-def final_prompts(index: Path, n: int) -> list[str]:
+def final_prompts(index: Path, work: Path, n: int) -> list[str]:
     """The prompts `rag` sends for QUESTIONS (retrieval + chat template), built in-process."""
     from rag.config import load_pipeline_config
     from rag.pipeline import build_pipeline
     from rag.types import ChatMessage
 
-    f = index.parent / "bench-hf.yaml"
+    f = work / "bench-hf.yaml"
     f.write_text(PIPELINE.format(backend="hf"))
     pipe = build_pipeline(load_pipeline_config(f), index=index)
     prepared = asyncio.run(pipe.prepare([[ChatMessage(role="user", content=q)] for q in QUESTIONS]))
@@ -157,7 +157,7 @@ def main() -> None:
     work = ROOT / "runs" / "serve_vs_vllm"
     work.mkdir(parents=True, exist_ok=True)
     most = max(REQUESTS.get(c, 2 * c) for c in levels)
-    prompts = final_prompts(index, most)
+    prompts = final_prompts(index, work, most)
     fixed = {"max_tokens": args.tokens, "min_tokens": args.tokens, "temperature": 0}
     rows, by = [], {}
 
