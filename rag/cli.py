@@ -321,9 +321,11 @@ def serve(
 def eval_(
     pipeline: Annotated[list[Path], typer.Option("--pipeline", "-p", help="pipeline YAML (repeat to compare)")],
     data: Annotated[Path, typer.Option(help="question set file (or BEIR folder)")],
-    format: Annotated[str, typer.Option(help="auto|selfrag|flashrag|squad|nq|beir|arc|tsv")] = "auto",
+    format: Annotated[str, typer.Option(help="auto|selfrag|flashrag|squad|nq|beir|arc|alce|tsv")] = "auto",
     index: IndexOpt = None,
     limit: Annotated[Optional[int], typer.Option(help="first N questions")] = None,
+    task: Annotated[Optional[str], typer.Option(
+        help="Self-RAG task preset over the pipelines: popqa|triviaqa|pubhealth|arc_challenge|asqa|factscore")] = None,
     out: Annotated[Path, typer.Option(help="output folder")] = Path("runs/eval"),
     resume: Annotated[bool, typer.Option(help="keep finished predictions, do the rest")] = False,
     batch_size: Annotated[int, typer.Option(help="questions per batched pipeline call")] = 16,
@@ -335,7 +337,8 @@ def eval_(
     from rag.eval.runner import evaluate
 
     summary = evaluate(pipeline, data, format=format, index=index, limit=limit, out=out,
-                       resume=resume, batch_size=batch_size, use_ctxs=use_ctxs, progress=not quiet)
+                       resume=resume, batch_size=batch_size, use_ctxs=use_ctxs, progress=not quiet,
+                       task=task)
     for p in summary["pipelines"]:
         shown = {k: round(v["mean"], 4) for k, v in p["metrics"].items()}
         typer.echo(f"{p['pipeline']}: {json.dumps(shown)} ({p['seconds_per_question']:.3f} s/question)")

@@ -119,7 +119,7 @@ class GeneratorConfig(_Config):
 
 
 class PromptConfig(_Config):
-    format: Literal["sciphi", "selfrag", "mistral_inst", "chatml", "hf_template"] = "hf_template"
+    format: Literal["sciphi", "selfrag", "mistral_inst", "chatml", "plain", "hf_template"] = "hf_template"
     system_prompt: str | None = Field(None, description="sciphi: replaces ALPACA_CHAT_SYSTEM_PROMPT")
     context_template: str | None = Field(None, description="how the context is written in")
     context_position: Literal["response", "user"] = Field(
@@ -127,16 +127,16 @@ class PromptConfig(_Config):
 
 
 class SelfRagSettings(_Config):
-    """Self-RAG decoding. Defaults follow the paper; ``compat_*`` flags reproduce the reference
-    scripts (all four together: compat_log_ratio, w_use=1.0, path_score=product,
-    select=deepest)."""
+    """Self-RAG decoding. Defaults follow the paper; pipelines/selfrag-short-compat.yaml and
+    selfrag-long-compat.yaml set the flags that reproduce the reference scripts."""
 
     mode: Literal["always", "never", "adaptive"] = "adaptive"
     threshold: float = Field(0.2, ge=0.0, le=1.0, description="adaptive retrieval threshold")
     compat_log_ratio: bool = Field(False, description="reference bug: ratio on log-probabilities")
     critic: Literal["tokens", "prompted"] = Field(
         "tokens", description="reflection tokens (Self-RAG models) or prompted critique (any model)")
-    task: Literal["open", "closed"] = Field("open", description="closed: vote over equal answers")
+    task: Literal["open", "closed", "popqa", "triviaqa", "pubhealth", "arc_challenge", "asqa", "factscore"] = Field(
+        "open", description="open | closed (vote over equal answers) | a paper task preset (rag.selfrag.tasks)")
     instruction: str | None = Field(None, description="task instruction; {question} is replaced")
     w_rel: float = 1.0
     w_sup: float = 1.0
@@ -150,6 +150,16 @@ class SelfRagSettings(_Config):
         "mean", description="combine segment scores along a path (reference: product)")
     select: Literal["best", "deepest"] = Field(
         "best", description="final path: best score, or best at the deepest level (reference)")
+    segment_context: Literal["all", "newest"] = Field(
+        "all", description="long-form: a segment sees every passage of its path, or only the newest "
+                           "(reference run_long_form_static.py)")
+
+    @property
+    def closed(self) -> bool:
+        """Answers are voted over equal normalised answers (true/false, choice letters)."""
+        from rag.selfrag.tasks import CLOSED
+
+        return self.task in CLOSED
 
 
 class _PipelineBase(_Config):
@@ -182,10 +192,23 @@ class ChatPipelineConfig(_Generating):
 
 
 class SelfRagPipelineConfig(_Generating):
-    """``kind: selfrag``: the Self-RAG decoder (``prompt.format`` is the prompted critic's)."""
+    """``kind: selfrag``: the Self-RAG decoder (``prompt.format`` is the prompted critic's).
+    ``selfrag.task`` naming a paper task fills in that task's preset (`rag.selfrag.tasks`) for
+    every field the file does not set."""
 
     kind: Literal["selfrag"]
     selfrag: SelfRagSettings = SelfRagSettings()
+
+    @model_validator(mode="before")
+    @classmethod
+    def _task_preset(cls, data: Any) -> Any:
+        from rag.selfrag.tasks import TASKS, apply_preset
+
+        selfrag = data.get("selfrag") if isinstance(data, dict) else None
+        task = selfrag.get("task") if isinstance(selfrag, dict) else getattr(selfrag, "task", None)
+        if isinstance(task, str) and task in TASKS:
+            return apply_preset(data, task, override=False)
+        return data
 
 
 class RetrievalPipelineConfig(_PipelineBase):
@@ -234,6 +257,17 @@ def pipeline_config(source: str | Path = "pipeline", **data: Any) -> PipelineCon
         raise ConfigError(f"{source}: " + "; ".join(parts)) from None
 
 
-def load_pipeline_config(path: str | Path) -> PipelineConfig:
-    """Read a pipeline YAML; errors name the file and the field."""
-    return pipeline_config(path, **load_yaml(path))
+def load_pipeline_config(path: str | Path, *, task: str | None = None) -> PipelineConfig:
+    """Read a pipeline YAML; errors name the file and the field. ``task`` applies a Self-RAG
+    task preset over the file's own settings (``rag eval --task``)."""
+    data = load_yaml(path)
+    if task is not None:
+        from rag.selfrag.tasks import GENERIC, TASKS, apply_preset
+
+        if data.get("kind") != "selfrag":
+            raise ConfigError(f"{path}: --task {task} needs a kind: selfrag pipeline "
+                              f"(this one is kind: {data.get('kind', 'chat')})")
+        if task not in TASKS and task not in GENERIC:
+            raise ConfigError(f"unknown task {task!r}; use one of {', '.join([*GENERIC, *TASKS])}")
+        data = apply_preset(data, task, override=True)
+    return pipeline_config(path, **data)

@@ -19,6 +19,12 @@ class Passage(_Frozen):
     text: str
     meta: dict[str, Any] = Field(default_factory=dict)
 
+    @property
+    def title_text(self) -> str:
+        """``title\ntext``, or the text alone when there is no title (what is embedded and
+        shown to chat models)."""
+        return f"{self.title}\n{self.text}" if self.title else self.text
+
 
 class Hit(_Frozen):
     """A passage returned by a retriever, with its score and 1-based rank."""

@@ -1,4 +1,5 @@
-"""Question-set loaders: Self-RAG eval JSONL, FlashRAG, SQuAD v1.1, NQ-open, BEIR, ARC, TSV.
+"""Question-set loaders: Self-RAG eval JSONL, FlashRAG, SQuAD v1.1, NQ-open, BEIR, ARC, ALCE
+(ASQA) JSON, TSV.
 
 Every loader returns `EvalItem`s; a malformed record raises `CorpusError` with file and line.
 """
@@ -17,7 +18,9 @@ from rag.corpus import json_lines, squad_passage_id
 from rag.errors import CorpusError
 from rag.types import Passage
 
-FORMATS = ("auto", "selfrag", "flashrag", "squad", "nq", "beir", "arc", "tsv")
+FORMATS = ("auto", "selfrag", "flashrag", "squad", "nq", "beir", "arc", "alce", "tsv")
+#: ARC's numeric labels (a few AI2 questions use 1-4) as the letters the prompts use
+ARC_LABELS = {"1": "A", "2": "B", "3": "C", "4": "D", "5": "E"}
 
 
 class EvalItem(BaseModel):
@@ -31,6 +34,8 @@ class EvalItem(BaseModel):
     choices: list[tuple[str, str]] | None = Field(None, description="(label, text) for multiple choice")
     answer_key: str | None = None
     ctxs: list[Passage] | None = Field(None, description="pre-retrieved passages")
+    extra: dict[str, Any] = Field(default_factory=dict, description="the record's other fields, "
+                                  "kept for scorers that read them (ALCE's qa_pairs, FactScore's topic)")
 
     @property
     def closed(self) -> bool:
@@ -56,7 +61,7 @@ def detect_format(path: str | Path) -> str:
     if p.suffix == ".tsv":
         return "tsv"
     if p.suffix == ".json":
-        return "squad"
+        return "squad" if _json_records(p) is None else "alce"
     with p.open(encoding="utf-8") as f:
         first = next((line for line in f if line.strip()), "{}")
     try:
@@ -95,27 +100,66 @@ def _answers(value: Any) -> list[str]:
     return [str(v) for v in value] if isinstance(value, list) else [str(value)]
 
 
-def _ctxs(obj: dict[str, Any], path: Path, lineno: int) -> list[Passage] | None:
-    raw = obj.get("ctxs")
+def _ctxs(obj: dict[str, Any], path: Path, lineno: int, key: str = "ctxs") -> list[Passage] | None:
+    raw = obj.get(key)
     if raw is None:
         return None
     if not isinstance(raw, list):
-        raise CorpusError("field 'ctxs' must be a list of passages", source=str(path), line=lineno)
+        raise CorpusError(f"field {key!r} must be a list of passages", source=str(path), line=lineno)
     out = []
     for i, c in enumerate(raw):
         if not isinstance(c, dict) or "text" not in c:
-            raise CorpusError(f"ctxs[{i}] must be an object with 'text'", source=str(path), line=lineno)
+            raise CorpusError(f"{key}[{i}] must be an object with 'text'", source=str(path), line=lineno)
         out.append(Passage(id=str(c.get("id", f"{lineno}-{i}")), title=str(c.get("title", "")),
                            text=str(c["text"])))
     return out
 
 
+def _extra(o: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in o.items() if k not in ("ctxs", "docs")}
+
+
 def _selfrag(path: Path) -> Iterator[EvalItem]:
+    """Self-RAG eval JSONL: ``question`` with gold in ``answers`` (or ``answer`` / ``output``),
+    or FactScore's ``input`` (no gold); optional ``ctxs``."""
     for lineno, o in _jsonl(path):
-        q = _need(o, "question", path, lineno, str)
-        answers = _answers(_need(o, "answers", path, lineno, (list, str)))
+        factscore = "question" not in o and "input" in o
+        q = _need(o, "input" if factscore else "question", path, lineno, str)
+        gold_key = next((k for k in ("answers", "answer", "output") if k in o), "answers")
+        answers = [] if factscore else _answers(_need(o, gold_key, path, lineno, (list, str)))
         qid = str(o.get("question_id", o.get("id", lineno)))
-        yield EvalItem(id=qid, question=q, answers=answers, ctxs=_ctxs(o, path, lineno))
+        yield EvalItem(id=qid, question=q, answers=answers, ctxs=_ctxs(o, path, lineno), extra=_extra(o))
+
+
+def _json_records(path: Path) -> list[Any] | None:
+    """The question records of an ALCE-style JSON file (a list, or ``{"data": [...]}`` of
+    objects with ``question``); None for anything else (a SQuAD file)."""
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as e:
+        raise CorpusError(f"not valid JSON ({e.msg} at line {e.lineno})", source=str(path), line=e.lineno) from None
+    records = data.get("data") if isinstance(data, dict) else data
+    if isinstance(records, list) and records and isinstance(records[0], dict) and "question" in records[0]:
+        return records
+    return None
+
+
+def _alce(path: Path) -> Iterator[EvalItem]:
+    """ALCE JSON (ASQA ``asqa_eval_gtr_top100.json``): ``question``, pre-retrieved ``docs``,
+    gold short answers from ``qa_pairs`` (or ``answer``); every other field is kept for the
+    ALCE scorer."""
+    records = _json_records(path)
+    if records is None:
+        raise CorpusError("expected a JSON list (or {\"data\": [...]}) of objects with 'question'",
+                          source=str(path))
+    for i, o in enumerate(records, 1):
+        if not isinstance(o, dict) or not isinstance(o.get("question"), str):
+            raise CorpusError(f"record {i} has no 'question' string", source=str(path))
+        answers = [a for qa in o.get("qa_pairs") or [] for a in qa.get("short_answers", [])]
+        if not answers and o.get("answer"):
+            answers = _answers(o["answer"])
+        yield EvalItem(id=str(o.get("sample_id", o.get("id", i))), question=o["question"], answers=answers,
+                       ctxs=_ctxs(o, path, i, key="docs") or _ctxs(o, path, i), extra=_extra(o))
 
 
 def _flashrag(path: Path) -> Iterator[EvalItem]:
@@ -139,11 +183,12 @@ def _arc(path: Path) -> Iterator[EvalItem]:
             raise CorpusError("choices must have equal-length 'label' and 'text' lists",
                               source=str(path), line=lineno)
         key = str(_need(o, "answerKey", path, lineno, (str, int)))
-        pairs = list(zip([str(x) for x in labels], [str(x) for x in texts], strict=True))
+        key = ARC_LABELS.get(key, key)
+        pairs = list(zip([ARC_LABELS.get(str(x), str(x)) for x in labels], [str(x) for x in texts], strict=True))
         answer_text = dict(pairs).get(key)
         yield EvalItem(id=str(o.get("id", lineno)), question=_need(o, "question", path, lineno, str),
                        answers=[key] + ([answer_text] if answer_text else []), choices=pairs,
-                       answer_key=key)
+                       answer_key=key, ctxs=_ctxs(o, path, lineno))
 
 
 def _squad(path: Path) -> Iterator[EvalItem]:
@@ -203,7 +248,7 @@ def _tsv(path: Path) -> Iterator[EvalItem]:
 
 
 _LOADERS = {"selfrag": _selfrag, "flashrag": _flashrag, "squad": _squad, "nq": _nq, "beir": _beir,
-            "arc": _arc, "tsv": _tsv}
+            "arc": _arc, "alce": _alce, "tsv": _tsv}
 
 
 def load_dataset(path: str | Path, format: str = "auto", *, limit: int | None = None) -> list[EvalItem]:

@@ -50,8 +50,7 @@ def score_item(item: EvalItem, answer: Answer, *, answer_metrics: bool = True) -
         if item.closed:
             from rag.selfrag.scoring import normalise_closed_answer
 
-            m["accuracy"] = float(normalise_closed_answer(pred) == item.answer_key
-                                  or normalize_answer(pred) == normalize_answer(item.answers[-1]))
+            m["accuracy"] = float(normalise_closed_answer(pred, item.choices) == item.answer_key)
         m.update(em=exact_match(pred, item.answers), f1=f1(pred, item.answers),
                  match=match(pred, item.answers), match_norm=match_normalized(pred, item.answers))
     ranked = [h.passage.id for h in answer.hits]
@@ -104,8 +103,14 @@ def _versions() -> dict[str, str]:
     return out
 
 
-def _record(item: EvalItem, answer: Answer, metrics: dict[str, float], seconds: float) -> dict[str, Any]:
-    return {"id": item.id, "question": item.question, "prediction": answer.text,
+def _record(item: EvalItem, answer: Answer, metrics: dict[str, float], seconds: float,
+            alce: bool = False) -> dict[str, Any]:
+    extra: dict[str, Any] = {}
+    if alce:  # long-form: the ALCE record (output with [i] citations, the cited docs)
+        from rag.selfrag.decoder import to_alce
+
+        extra["alce"] = to_alce(item.question, answer, item.extra)
+    return {**extra, "id": item.id, "question": item.question, "prediction": answer.text,
             "gold": item.answers or item.gold_ids, "metrics": metrics,
             "citations": [c.model_dump() for c in answer.citations],
             "hits": [h.passage.id for h in answer.hits[:20]],
@@ -153,6 +158,8 @@ def run_pipeline(name: str, pipeline: Any, items: Sequence[EvalItem], out: Path,
     done = _read_done(pred_file) if resume else {}
     todo = [it for it in items if it.id not in done]
     generates = pipeline.generator is not None
+    selfrag = getattr(pipeline.config, "selfrag", None)
+    long_form = selfrag is not None and selfrag.decoding == "long"
     if use_ctxs and not all(it.ctxs for it in todo):
         raise ConfigError("--use-ctxs: some questions carry no 'ctxs' passages")
     bar = tqdm(total=len(items), initial=len(items) - len(todo), desc=name, unit="q",
@@ -169,14 +176,23 @@ def run_pipeline(name: str, pipeline: Any, items: Sequence[EvalItem], out: Path,
                                              for it in batch], hits=hits)
             per = (time.perf_counter() - t0) / len(batch)
             for it, a in zip(batch, answers, strict=True):
-                rec = _record(it, a, score_item(it, a, answer_metrics=generates), per)
+                rec = _record(it, a, score_item(it, a, answer_metrics=generates), per, alce=long_form)
                 done[it.id] = rec
                 f.write(json.dumps(rec, ensure_ascii=False) + "\n")
             f.flush()
             os.fsync(f.fileno())
             bar.update(len(batch))
     bar.close()
-    return [done[it.id] for it in items if it.id in done]
+    records = [done[it.id] for it in items if it.id in done]
+    if long_form:  # what ALCE's eval.py (and FactScore, from topic + output) reads
+        _write_json(out / "alce.json", {"data": [r["alce"] for r in records]})
+    return records
+
+
+def _write_json(path: Path, obj: Any) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    os.replace(tmp, path)
 
 
 def summarize(records: Sequence[dict[str, Any]]) -> dict[str, Any]:
@@ -208,12 +224,15 @@ def check_expected(config: PipelineConfig, summary: dict[str, Any]) -> list[str]
 def evaluate(pipeline_files: Sequence[str | Path], data: str | Path, *, format: str = "auto",
              index: str | Path | None = None, limit: int | None = None, out: str | Path = "runs/eval",
              resume: bool = False, batch_size: int = 16, use_ctxs: bool = False,
-             progress: bool = True, pipelines: dict[str, Any] | None = None) -> dict[str, Any]:
+             progress: bool = True, pipelines: dict[str, Any] | None = None,
+             task: str | None = None) -> dict[str, Any]:
     """Run every pipeline over the question set; write predictions, summary.json, report.md.
 
-    ``pipelines`` maps a pipeline file to an already built pipeline object (tests, notebooks).
+    ``pipelines`` maps a pipeline file to an already built pipeline object (tests, notebooks);
+    ``task`` applies a Self-RAG task preset (`rag.selfrag.tasks`) over each pipeline file.
     """
     from rag.pipeline import build_pipeline
+    from rag.selfrag.tasks import TASKS
 
     t0 = time.time()
     out = Path(out)
@@ -222,7 +241,8 @@ def evaluate(pipeline_files: Sequence[str | Path], data: str | Path, *, format: 
     results = []
     try:
         for file in pipeline_files:
-            config = load_pipeline_config(file)
+            config = load_pipeline_config(file, task=task)
+            config_task = getattr(getattr(config, "selfrag", None), "task", None)
             pipe = (pipelines or {}).get(str(file)) or build_pipeline(config, index=index,
                                                                        generator=cache.get(config))
             cache.put(config, pipe)
@@ -231,7 +251,9 @@ def evaluate(pipeline_files: Sequence[str | Path], data: str | Path, *, format: 
                                    use_ctxs=use_ctxs, resume=resume, progress=progress)
             summary = summarize(records)
             results.append({"pipeline": config.name, "file": str(file), "config_hash": config_hash(config),
-                            "kind": config.kind, "wall_seconds": round(time.time() - start, 2),
+                            "kind": config.kind, "task": config_task,
+                            "primary_metric": TASKS.get(config_task or "", {}).get("metric"),
+                            "wall_seconds": round(time.time() - start, 2),
                             "check": check_expected(config, summary), **summary})
     finally:
         if pipelines is None:  # engines this run started
@@ -243,9 +265,7 @@ def evaluate(pipeline_files: Sequence[str | Path], data: str | Path, *, format: 
                                  "(Self-RAG); match_norm = the same after SQuAD normalisation",
                    "pipelines": results}
     out.mkdir(parents=True, exist_ok=True)
-    tmp = out / "summary.json.tmp"
-    tmp.write_text(json.dumps(summary_all, indent=2) + "\n")
-    os.replace(tmp, out / "summary.json")
+    _write_json(out / "summary.json", summary_all)
     from rag.eval.report import write_report
 
     write_report(out, summary_all)

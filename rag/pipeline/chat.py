@@ -11,6 +11,7 @@ from collections.abc import AsyncIterator, Sequence
 from typing import Any
 
 from rag.config import ChatPipelineConfig
+from rag.errors import ConfigError
 from rag.generation import Generator
 from rag.pipeline import BasePipeline, Conversation, citations
 from rag.prompts import ChatFormat, get_format, last_user_message, remove_cruft
@@ -46,7 +47,7 @@ def build_context(hits: Sequence[Hit], max_chars: int, extra_control: Sequence[s
     size = 0
     for h in hits:
         p = h.passage
-        block = neutralize(f"{p.title}\n{p.text}" if p.title else p.text, extra_control)
+        block = neutralize(p.title_text, extra_control)
         room = max_chars - size - (1 if parts else 0)
         if room <= 0:
             break
@@ -107,7 +108,13 @@ class ChatRagPipeline(BasePipeline):
         self.format.render(messages)  # roles, order, template errors
 
     def _params(self, params: GenerationParams | None) -> GenerationParams:
-        return params or self.config.generation
+        """The call's generation settings; the sciphi format refuses any without the
+        ``<paragraph>`` stop (as ``get_chat_completion`` does), whatever the entry point."""
+        params = params or self.config.generation
+        if self.config.prompt.format == "sciphi" and "<paragraph>" not in params.stop:
+            raise ConfigError(f"generation stop {params.stop} lacks '<paragraph>', which the sciphi "
+                              "format needs (the model stops when it asks for more evidence); add it")
+        return params
 
     async def _query(self, messages: Conversation) -> str:
         question = last_user_message(messages)
@@ -151,9 +158,10 @@ class ChatRagPipeline(BasePipeline):
                             params: GenerationParams | None = None,
                             hits: Sequence[Sequence[Hit]] | None = None) -> list[Answer]:
         """Answer many conversations with one batched generation call."""
+        params = self._params(params)
         prepared = await self.prepare(conversations, top_k=top_k, hits=hits)
         t0 = time.perf_counter()
-        gens = await self.generator.agenerate([p for p, _, _ in prepared], self._params(params))
+        gens = await self.generator.agenerate([p for p, _, _ in prepared], params)
         t_gen = (time.perf_counter() - t0) / max(1, len(prepared))
         return [self._answer(prompt, used, g, Timings(retrieval_s=t_ret, generation_s=t_gen))
                 for (prompt, used, t_ret), g in zip(prepared, gens, strict=True)]
@@ -163,11 +171,12 @@ class ChatRagPipeline(BasePipeline):
         """Retrieve, send the sources, then the cleaned text token by token; closing the
         iteration aborts the generation."""
         t0 = time.perf_counter()
+        params = self._params(params)
         ((prompt, used, t_ret),) = await self.prepare([messages], top_k=top_k)
         yield SourcesEvent(hits=used)
         cleaner, raw, first, last = StreamCleaner(), "", None, None
         t1 = time.perf_counter()
-        async for chunk in self.generator.stream(prompt, self._params(params)):
+        async for chunk in self.generator.stream(prompt, params):
             raw += chunk.text
             last = chunk
             new = cleaner.feed(chunk.text)

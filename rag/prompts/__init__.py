@@ -2,7 +2,9 @@
 
 Formats (registry `FORMATS`): ``sciphi`` (SciPhi-Self-RAG-Mistral-7B-32k), ``selfrag``
 (Self-RAG 7B/13B), ``mistral_inst`` (Mistral-7B-Instruct-v0.2 ``[INST]``), ``chatml``
-(Mistral-7B-OpenOrca) and ``hf_template`` (the tokenizer's own chat template). Message contents
+(Mistral-7B-OpenOrca), ``plain`` (text completion for base models such as Mistral-7B-v0.2) and
+``hf_template`` (the tokenizer's own chat template). No format writes the BOS token except where
+the model card's text has it (``mistral_inst``): the generator's ``encode`` adds it once. Message contents
 and retrieved context are untrusted: they are neutralised (see `rag.prompts.sanitize`) before
 the format adds its own control strings.
 """
@@ -140,9 +142,9 @@ def selfrag_prompt(instruction: str, input: str | None = None) -> str:
 
 
 def selfrag_paragraph(passage: Passage, extra_control: Sequence[str] = ()) -> str:
-    """``[Retrieval]<paragraph>title\\ntext</paragraph>`` with the passage neutralised."""
-    body = neutralize(f"{passage.title}\n{passage.text}" if passage.title else passage.text,
-                      extra_control)
+    """``[Retrieval]<paragraph>title\\ntext</paragraph>`` with the passage neutralised; the
+    newline stays when there is no title, as the reference scripts and training data write it."""
+    body = neutralize(f"{passage.title}\n{passage.text}", extra_control)
     return f"[Retrieval]<paragraph>{body}</paragraph>"
 
 
@@ -183,6 +185,18 @@ class ChatMLFormat(ChatFormat):
         return body + "<|im_start|>assistant\n"
 
 
+class PlainFormat(ChatFormat):
+    """Plain text completion for base models (Mistral-7B-v0.2): the turns' texts separated by
+    blank lines, no role markers; retrieved context follows as ``Passage: ...`` and the prompt
+    ends in ``Answer:`` for the model to complete."""
+
+    name = "plain"
+    context_template = "\n\nPassage: {context}\n\nAnswer:"
+
+    def conversation(self, messages: Sequence[ChatMessage]) -> str:
+        return "\n\n".join(self.clean(m.content) for m in messages)
+
+
 class HFTemplateFormat(ChatFormat):
     """The model's own chat template (the generator's ``render_chat``, with the generation
     prompt)."""
@@ -203,7 +217,7 @@ class HFTemplateFormat(ChatFormat):
 
 FORMATS: dict[str, Callable[..., ChatFormat]] = {
     "sciphi": SciPhiFormat, "selfrag": SelfRagFormat, "mistral_inst": MistralInstFormat,
-    "chatml": ChatMLFormat, "hf_template": HFTemplateFormat,
+    "chatml": ChatMLFormat, "plain": PlainFormat, "hf_template": HFTemplateFormat,
 }
 
 

@@ -128,7 +128,7 @@ class PromptedCritic:
         return self._chat(self._q(question))
 
     def candidate_prompt(self, question: str, passage: Passage) -> str:
-        ctx = f"{passage.title}\n{passage.text}" if passage.title else passage.text
+        ctx = passage.title_text
         return self._chat(CANDIDATE_Q.format(passage=ctx, question=self._q(question)))
 
     def candidate_params(self, base: GenerationParams) -> GenerationParams:
@@ -138,7 +138,7 @@ class PromptedCritic:
         """Three one-token questions per (question, passage, generation), all in one call."""
         prompts = []
         for question, p, g in items:
-            ctx = f"{p.title}\n{p.text}" if p.title else p.text
+            ctx = p.title_text
             answer = " ".join(g.text.split())
             prompts += [self._chat(REL_Q.format(passage=ctx, question=question)),
                         self._chat(SUP_Q.format(passage=ctx, question=question, answer=answer)),

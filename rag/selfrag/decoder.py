@@ -2,10 +2,11 @@
 segment-level tree search for long-form answers (spec sections 3-4).
 
 Deviations from the reference scripts, each behind a flag that restores the script's
-behaviour (see `rag.config.SelfRagSettings`): the retrieval ratio uses probabilities, not
-log-probabilities; ``w_use`` is 0.5; long-form paths score by the mean of their segment scores
-and the best leaf wins (the script multiplies and keeps the deepest level); every child's
-prompt is built from its own parent (the script mixes up siblings' prefixes); decoding keeps
+behaviour (`rag.config.SelfRagSettings`; the compat recipes in pipelines/ set them all): the
+retrieval ratio uses probabilities, not log-probabilities; the sequence score counts; long-form
+paths score by the mean of their segment scores, the best leaf wins, and a segment sees every
+passage of its path (the script multiplies, keeps the deepest level and shows only the newest
+passage). Not reproducible on purpose: the script mixes up siblings' prefixes. Decoding keeps
 special tokens and decides from token ids.
 """
 
@@ -26,11 +27,13 @@ from rag.selfrag.scoring import (
     Critique,
     Weights,
     critique_generation,
+    normalise_closed_answer,
     postprocess,
     should_retrieve,
     strip_reflection,
     vote,
 )
+from rag.selfrag.tasks import map_answer
 from rag.types import (
     Answer,
     CandidateScores,
@@ -134,20 +137,22 @@ class SelfRagDecoder:
         usage = Usage(prompt_tokens=sum(g.prompt_tokens for _, g, _ in cands), completion_tokens=tokens)
         if cands[0][0] is None:  # no retrieval: the single generation is the answer
             g = cands[0][1]
-            return Answer(text=postprocess(g.text), retrieval=retrieval, usage=usage, timings=timings,
+            return Answer(text=map_answer(self.settings.task, postprocess(g.text)), retrieval=retrieval,
+                          usage=usage, timings=timings,
                           finish_reason=g.finish_reason,
                           trace=Trace(critic=self.critic.label, raw_completion=g.text))
         scored = [(h, g, c) for h, g, c in cands if h is not None and c is not None]
         scores = [_scores(h.passage, postprocess(g.text), c) for h, g, c in scored]
-        if self.settings.task == "closed":
+        if self.settings.closed:
             winner, sums = vote([s.text for s in scores], [s.total for s in scores])
-            best = max((s for s in scores), key=lambda s: (s.total if _key(s.text) == winner else -math.inf))
+            best = max(scores, key=lambda s: s.total if normalise_closed_answer(s.text) == winner else -math.inf)
             retrieval = retrieval.model_copy(update={"votes": sums})
         else:
             best = max(scores, key=lambda s: s.total)
         idx = scores.index(best)
         hit = scored[idx][0]
-        return Answer(text=best.text, citations=[Citation(id=hit.passage.id, title=hit.passage.title,
+        return Answer(text=map_answer(self.settings.task, best.text),
+                      citations=[Citation(id=hit.passage.id, title=hit.passage.title,
                                                           score=hit.score)],
                       hits=[h for h, _, _ in scored], scores=scores, retrieval=retrieval, usage=usage,
                       timings=timings, finish_reason=scored[idx][1].finish_reason,
@@ -163,18 +168,14 @@ class SelfRagDecoder:
         return await TreeSearch(self, question, search, top_k, hits).run()
 
 
-def _key(text: str) -> str:
-    from rag.selfrag.scoring import normalise_closed_answer
-
-    return normalise_closed_answer(text)
-
-
 @dataclass(slots=True)
 class Node:
     """One segment in the tree. ``prefix`` is everything before this node's segment (its own
-    parent's prefix + the parent's segment + this node's paragraph)."""
+    parent's prefix + the parent's segment + this node's paragraph); ``text_prefix`` is the
+    same without any paragraph (the prompt and the path's segments)."""
 
     prefix: str
+    text_prefix: str = ""
     segment: str = ""
     passage: Passage | None = None
     hit: Hit | None = None
@@ -248,7 +249,8 @@ class TreeSearch:
 
     async def run(self) -> Answer:
         t0 = time.perf_counter()
-        root = self._new(prefix=self.critic.prompt(self.q))
+        prompt = self.critic.prompt(self.q)
+        root = self._new(prefix=prompt, text_prefix=prompt)
         (decision,) = await self.d.decide([self.q])
         retrieval = self.d._decision(decision[0], decision[1])
         params = self.critic.candidate_params(self.d.params).model_copy(
@@ -265,21 +267,23 @@ class TreeSearch:
                 break
             prompts, meta = [], []
             for node, hits in zip(expand, await self._passages(expand), strict=True):
-                base = node.prefix + node.segment  # the node's OWN prefix, never a sibling's
+                # the node's OWN prefix, never a sibling's; "newest" drops earlier paragraphs
+                base = (node.text_prefix if self.s.segment_context == "newest" else node.prefix) + node.segment
                 for h in hits:
                     para = selfrag_paragraph(h.passage, self.critic.extra_control)
                     prompts.append(base + para)
-                    meta.append((node, h, base + para))
+                    meta.append((node, h, base + para, node.text_prefix + node.segment))
             gens = await self.d.generator.agenerate(prompts, params)
             self.usage[0] += sum(g.prompt_tokens for g in gens)
             self.usage[1] += sum(len(g.token_ids) for g in gens)
             children = []
-            for (node, h, prefix), g in zip(meta, gens, strict=True):
+            for (node, h, prefix, text_prefix), g in zip(meta, gens, strict=True):
                 crit = critique_generation(g, relevant=self.t.relevant, irrelevant=self.t.irrelevant,
                                            support=self.t.support, utility=self.t.utility,
                                            w=self.d.weights)
                 text, wants, done = self._split(g)
-                children.append(self._new(prefix=prefix, segment=text, passage=h.passage, hit=h,
+                children.append(self._new(prefix=prefix, text_prefix=text_prefix, segment=text,
+                                          passage=h.passage, hit=h,
                                           segment_scores=node.segment_scores + [crit.total],
                                           critique=crit, parent=node, depth=depth, done=done,
                                           wants_retrieval=wants))
@@ -307,7 +311,7 @@ class TreeSearch:
                 ids.append(node.hit.passage.id)
             text = " ".join(strip_reflection(node.segment).split())
             if text:
-                parts.append(f"{text} [{ids.index(node.hit.passage.id) + 1}]")
+                parts.append(cite(text, ids.index(node.hit.passage.id) + 1))
         scores = [_scores(n.passage, " ".join(strip_reflection(n.segment).split()), n.critique)
                   for n in best.path()[1:] if n.critique is not None]
         tree = [TreeNode(id=n.node_id, parent=n.parent.node_id if n.parent else None, depth=n.depth,
@@ -322,8 +326,18 @@ class TreeSearch:
                       trace=Trace(critic=self.critic.label, tree=tree, best_node=best.node_id))
 
 
-def to_alce(question: str, answer: Answer) -> dict[str, Any]:
-    """ALCE-style record (question, output with [i] citations, docs) for long-form scorers."""
-    return {"question": question, "output": answer.text,
+def cite(segment: str, number: int) -> str:
+    """``segment`` with the citation ``[number]`` inside its last sentence, before the closing
+    punctuation ("Paris is in France [1]."), as the reference writes it: ALCE splits the output
+    into sentences and credits a citation to the sentence it stands in."""
+    end = len(segment.rstrip(".!?"))
+    return f"{segment[:end]} [{number}]{segment[end:]}"
+
+
+def to_alce(question: str, answer: Answer, extra: dict[str, Any] | None = None) -> dict[str, Any]:
+    """One ALCE record: the item's own fields (``extra``: ``qa_pairs``, ``annotations``,
+    ``topic`` ... that the scorers read), ``question``, ``output`` with ``[i]`` citations, and
+    ``docs`` in citation order (``[1]`` is ``docs[0]``)."""
+    return {**(extra or {}), "question": question, "output": answer.text,
             "docs": [{"id": h.passage.id, "title": h.passage.title, "text": h.passage.text}
                      for h in answer.hits]}

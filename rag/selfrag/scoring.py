@@ -137,19 +137,32 @@ def postprocess(text: str) -> str:
     return " ".join(strip_reflection(text).split())
 
 
-_CHOICE = re.compile(r"^\(?([A-Da-d])[\s\).:]")
+# a choice label: the bare letter, "(A)", "A)", "A." or "A:" (then anything); never "A bird ..."
+_CHOICE = re.compile(r"^\(?([A-E])(?:\)|[.:]|\s*$)")
+_VERDICTS = {"true": "true", "false": "false", "yes": "true", "no": "false",
+             "supports": "true", "refutes": "false"}
 
 
-def normalise_closed_answer(text: str) -> str:
-    """Key for voting on closed tasks: ``true``/``false`` or a choice letter, else the text
-    lower-cased without punctuation."""
+def normalise_closed_answer(text: str, choices: Sequence[tuple[str, str]] | None = None) -> str:
+    """Key for voting and scoring closed tasks.
+
+    A choice label (``A``, ``(B)``, ``C.``, ``D: text``; upper case only, so "A bird is ..." is
+    not option A) gives the letter; with ``choices`` (label, text) an answer that starts with an
+    option's text gives that option's label. A leading true/false/yes/no/SUPPORTS/REFUTES gives
+    ``true`` or ``false`` (PubHealth's FEVER-style labels). Otherwise the text lower-cased
+    without punctuation.
+    """
     t = text.strip()
-    m = _CHOICE.match(t + " ")
+    m = _CHOICE.match(t)
     if m:
-        return m.group(1).upper()
+        return m.group(1)
     low = t.lower().translate(str.maketrans("", "", string.punctuation)).split()
-    if low and low[0] in ("true", "false", "yes", "no"):
-        return {"yes": "true", "no": "false"}.get(low[0], low[0])
+    for label, option in choices or ():
+        key = option.lower().translate(str.maketrans("", "", string.punctuation)).split()
+        if key and low[: len(key)] == key:
+            return label
+    if low and low[0] in _VERDICTS:
+        return _VERDICTS[low[0]]
     return " ".join(low)
 
 

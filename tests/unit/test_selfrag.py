@@ -261,7 +261,7 @@ def test_tree_search_prunes_to_beam_width_and_builds_prefixes_from_own_parent() 
         assert p.startswith(PROMPT.replace("Where is the Eiffel Tower?", "Tell me about it.")
                             + f"[Retrieval]<paragraph>T{parent}\ntext of {parent}</paragraph>[Relevant]"
                             + ("Alpha one." if parent == "a" else "Beta one.") + "[Fully supported][Retrieval]")
-    assert answer.text == "Alpha one. [1] Alpha two. [1]"
+    assert answer.text == "Alpha one [1]. Alpha two [1]."  # inside each sentence, as ALCE reads it
     assert [c.id for c in answer.citations] == ["a"]
     tree = answer.trace.tree
     assert len(tree) == 1 + 3 + 6 and tree[answer.trace.best_node].depth == 2
@@ -291,7 +291,7 @@ def test_tree_search_citations_point_at_each_segments_passage() -> None:
         return [[hit("a"), hit("b")] for _ in qs]
 
     answer = long_form(dec, "Q?", search, 2)
-    assert answer.text == "First. [1] Second. [2]"
+    assert answer.text == "First [1]. Second [2]."
     assert [c.id for c in answer.citations] == ["a", "b"]
     assert queries == [["Q?"], ["Q? First."]]  # per-segment: question + previous segment
 
