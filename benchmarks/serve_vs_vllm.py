@@ -3,6 +3,7 @@ prompts, streaming, at several concurrency levels; also `rag serve` on the trans
 and `rag serve` without streaming. Loopback only; one server at a time (they share the cores).
 
     .venv/bin/python benchmarks/serve_vs_vllm.py [--levels 1,16,64] [--tokens 48] [--skip-hf]
+        [--hf-levels 1,16] [--skip-vllm]
 
 Every request generates exactly ``--tokens`` tokens (``min_tokens`` = ``max_tokens``, which both
 servers accept), so tokens/s compare like for like. The prompts vLLM gets are the final prompts
@@ -144,6 +145,7 @@ def main() -> None:
     ap.add_argument("--tokens", type=int, default=48)
     ap.add_argument("--skip-hf", action="store_true")
     ap.add_argument("--hf-levels", default="1,16")
+    ap.add_argument("--skip-vllm", action="store_true", help="only rag serve on transformers")
     args = ap.parse_args()
     levels = [int(x) for x in args.levels.split(",")]
     from rag.config import load_recipe
@@ -170,21 +172,22 @@ def main() -> None:
     # 1. vLLM's own server, the final prompts on /v1/completions
     port = free_port()
     base = f"http://127.0.0.1:{port}"
-    proc = start([sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", model,
-                  "--served-model-name", "m", "--dtype", "float32", "--max-model-len", "2048",
-                  "--enforce-eager", "--enable-prefix-caching", "--host", "127.0.0.1", "--port", str(port)],
-                 base, work / "vllm.log")
+    cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", model,
+           "--served-model-name", "m", "--dtype", "float32", "--max-model-len", "2048",
+           "--enforce-eager", "--enable-prefix-caching", "--host", "127.0.0.1", "--port", str(port)]
+    proc = None if args.skip_vllm else start(cmd, base, work / "vllm.log")
     try:
-        for c in levels:
+        for c in levels if proc else []:
             bodies = [{"model": "m", "prompt": p, **fixed} for p in prompts[: REQUESTS.get(c, 2 * c)]]
             asyncio.run(level(base + "/v1/completions", bodies[:2], 2, True))  # warm-up
             record("vllm serve", "stream", c, asyncio.run(level(base + "/v1/completions", bodies, c, True)))
     finally:
-        stop(proc)
+        if proc:
+            stop(proc)
 
     # 2. rag serve on vLLM (retrieval + prompt building + engine), streaming and not
     retrieval_ms = {}
-    runs = [("vllm", levels)]
+    runs = [] if args.skip_vllm else [("vllm", levels)]
     if not args.skip_hf:
         runs.append(("hf", [int(x) for x in args.hf_levels.split(",")]))
     for backend, lv in runs:

@@ -125,6 +125,7 @@ class VLLMGenerator(TokenizerOps):
         self.seed = seed
         self.max_logprobs = max_logprobs
         self._engine: Any = None
+        self._procs: list[Any] = []  # the engine's processes (EngineCore, workers)
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
         self._tok_lock = threading.Lock()
@@ -157,8 +158,13 @@ class VLLMGenerator(TokenizerOps):
         async def create() -> Any:  # the engine binds to the loop it is created on
             return AsyncLLM.from_engine_args(AsyncEngineArgs(**kw))
 
+        import psutil
+
+        me = psutil.Process()
+        before = {p.pid for p in me.children(recursive=True)}
         try:
             self._engine = asyncio.run_coroutine_threadsafe(create(), loop).result()
+            self._procs = [p for p in me.children(recursive=True) if p.pid not in before]
         except BaseException:
             loop.call_soon_threadsafe(loop.stop)
             thread.join()
@@ -168,10 +174,13 @@ class VLLMGenerator(TokenizerOps):
         atexit.register(self.close)
 
     def close(self) -> None:
-        """Shut the engine and its processes down, then the engine loop; idempotent."""
+        """Shut the engine and its processes down, then the engine loop; idempotent. Requests
+        still running are cancelled first; an engine process that has not exited 2 s after the
+        shutdown request is killed, so none outlives its generator."""
         with self._load_lock:
-            engine, loop, thread = self._engine, self._loop, self._thread
+            engine, loop, thread, procs = self._engine, self._loop, self._thread, self._procs
             self._engine = self._loop = self._thread = None
+            self._procs = []
         if engine is None or loop is None or thread is None:
             return
         try:
@@ -185,9 +194,10 @@ class VLLMGenerator(TokenizerOps):
         except Exception as e:  # best effort: the engine shutdown below still runs
             log.debug("vLLM request cancellation: %s", e)
         try:
-            engine.shutdown()
+            engine.shutdown(timeout=2.0)
         except Exception as e:
             log.debug("vLLM shutdown: %s", e)
+        _kill(procs)
         loop.call_soon_threadsafe(loop.stop)
         thread.join(timeout=10)
         atexit.unregister(self.close)
@@ -269,6 +279,21 @@ class VLLMGenerator(TokenizerOps):
                 yield chunk
         finally:
             task.cancel()  # aborts the request in the engine if it is still running
+
+
+def _kill(procs: list[Any]) -> None:
+    """Kill whichever of ``procs`` (psutil processes) are still running, and reap them."""
+    import psutil
+
+    alive = []
+    for p in procs:
+        try:
+            if p.is_running() and p.status() != psutil.STATUS_ZOMBIE:
+                p.kill()
+                alive.append(p)
+        except psutil.NoSuchProcess:
+            pass
+    psutil.wait_procs(alive, timeout=3)
 
 
 async def _on_loop(coro: Any, loop: asyncio.AbstractEventLoop) -> Any:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import threading
 from collections.abc import AsyncIterator, Sequence
+from concurrent.futures import Future
 from typing import Any, Protocol, runtime_checkable
 
 from rag.config import PipelineConfig
@@ -70,7 +71,9 @@ class BasePipeline:
     """Shared plumbing: locked retrieval, the sync/async pairs, conveniences.
 
     The retriever (its SQLite store, encoder and indexes) is used by one thread at a time:
-    every search holds ``_search_lock``; async callers search on a worker thread.
+    every search holds ``_search_lock``. Async callers hand their queries to one search thread,
+    which takes every query that arrived meanwhile in one batch: under load (64 concurrent
+    requests, say) the encoder runs a few large batches instead of one small call per request.
     """
 
     config: PipelineConfig
@@ -81,6 +84,9 @@ class BasePipeline:
                  retriever: Retriever | None):
         self.config, self.generator, self.retriever = config, generator, retriever
         self._search_lock = threading.Lock()
+        self._pending: list[tuple[list[str], int, Future[list[list[Hit]]]]] = []  # guarded by _pending_lock
+        self._pending_lock = threading.Lock()
+        self._draining = False
 
     def validate(self, messages: Conversation) -> None:
         """Raise `PromptError` for a conversation this pipeline cannot answer (before any work)."""
@@ -96,7 +102,37 @@ class BasePipeline:
         return self.search_batch([query], top_k)[0]
 
     async def asearch(self, queries: Sequence[str], top_k: int) -> list[list[Hit]]:
-        return await asyncio.to_thread(self.search_batch, queries, top_k)
+        """`search_batch` from async code, batched with every other caller's queries that
+        arrive while a search runs (on any thread or event loop)."""
+        future: Future[list[list[Hit]]] = Future()
+        with self._pending_lock:
+            self._pending.append((list(queries), top_k, future))
+            start, self._draining = not self._draining, True
+        if start:
+            threading.Thread(target=self._drain, name="rag-search", daemon=True).start()
+        return await asyncio.wrap_future(future)
+
+    def _drain(self) -> None:
+        """Search for everything pending, in batches, until nothing is left."""
+        while True:
+            with self._pending_lock:
+                batch, self._pending = self._pending, []
+                if not batch:
+                    self._draining = False
+                    return
+            todo = [(qs, k, f) for qs, k, f in batch if f.set_running_or_notify_cancel()]
+            if not todo:  # every caller went away
+                continue
+            try:
+                found = self.search_batch([q for qs, _, _ in todo for q in qs], max(k for _, k, _ in todo))
+            except BaseException as e:  # noqa: B036 - every waiting caller gets it
+                for _, _, f in todo:
+                    f.set_exception(e)
+                continue
+            i = 0
+            for qs, k, f in todo:
+                f.set_result([hits[:k] for hits in found[i: i + len(qs)]])
+                i += len(qs)
 
     async def aanswer_batch(self, conversations: Sequence[Conversation], *, top_k: int | None = None,
                             params: GenerationParams | None = None,

@@ -176,3 +176,38 @@ def test_langchain_chat_model_uses_the_pipeline_batch_and_stream(index: Path) ->
     assert [o.content for o in chat.batch([[HumanMessage("Nile?")], [HumanMessage("Eiffel?")]])] == [out.content] * 2
     with pytest.raises(PromptError, match="ToolMessage"):
         chat.invoke([ToolMessage("x", tool_call_id="1"), HumanMessage("y")])
+
+
+def test_concurrent_async_searches_share_batches_and_get_their_own_hits(index: Path) -> None:
+    """32 searches from 4 threads (each its own event loop): every caller gets exactly what a
+    search of its own query returns, while the retriever sees far fewer, larger batches."""
+    import threading
+    from concurrent.futures import ThreadPoolExecutor
+
+    class Counting:
+        def __init__(self, inner: DenseRetriever) -> None:
+            self.inner, self.batches = inner, []  # type: ignore[var-annotated]
+            self.first = threading.Event()
+
+        def search_batch(self, queries: list[str], top_k: int) -> list[list[Hit]]:
+            self.batches.append(len(queries))
+            if len(self.batches) == 1:
+                self.first.wait(5)  # hold the first batch until every caller has queued
+            return self.inner.search_batch(queries, top_k)
+
+    retriever = Counting(DenseRetriever(index))
+    pipe = ChatRagPipeline(sciphi_config(), ScriptedGenerator(), retriever)  # type: ignore[arg-type]
+    questions = [f"{w} question {i}" for i in range(8) for w in ("Eiffel", "Nile", "Paris", "Africa")]
+    expected = {q: [h.passage.id for h in retriever.inner.search(q, 2)] for q in questions}
+
+    def caller(qs: list[str]) -> dict[str, list[str]]:
+        async def run() -> list[list[Hit]]:
+            return await asyncio.gather(*(pipe.asearch([q], 2) for q in qs))
+        return {q: [h.passage.id for h in hits[0]] for q, hits in zip(qs, asyncio.run(run()))}
+
+    with ThreadPoolExecutor(4) as pool:
+        futures = [pool.submit(caller, questions[i::4]) for i in range(4)]
+        threading.Timer(0.5, retriever.first.set).start()
+        got = {q: ids for f in futures for q, ids in f.result(timeout=30).items()}
+    assert got == expected
+    assert sum(retriever.batches) == 32 and len(retriever.batches) <= 3, retriever.batches
