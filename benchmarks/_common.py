@@ -66,3 +66,11 @@ def table(rows: list[list[Any]], header: list[str]) -> str:
     lines = ["| " + " | ".join(c.ljust(w) for c, w in zip(r, widths)) + " |" for r in cells]
     lines.insert(1, "|" + "|".join("-" * (w + 2) for w in widths) + "|")
     return "\n".join(lines)
+
+
+def ndcg10(ranked: dict[str, list[str]], qrels: dict[str, dict[str, int]]) -> float:
+    """Mean nDCG@10 (trec_eval, graded) of rankings given as id lists, best first."""
+    from rag.eval.retrieval import mean, per_query
+
+    run = {q: [(d, -float(i)) for i, d in enumerate(ids)] for q, ids in ranked.items()}
+    return mean(per_query({q: qrels[q] for q in ranked}, run, ["ndcg@10"]), "ndcg@10")

@@ -72,9 +72,8 @@ def run_method(method: str, corpus: Path, n: int, workdir: Path) -> dict[str, fl
 
 def scifact_ndcg(folder: Path) -> float:
     """nDCG@10 over the SciFact test queries whose gold documents are in this index."""
-    import numpy as np
+    from _common import ndcg10
 
-    from rag.eval.metrics import ndcg_at_k
     from rag.retriever import DenseRetriever
 
     r = DenseRetriever(folder)
@@ -82,7 +81,7 @@ def scifact_ndcg(folder: Path) -> float:
     _, queries, qrels = scifact()
     qids = [q for q in qrels if set(qrels[q]) & ids]
     hits = r.search_batch([queries[q] for q in qids], 10)
-    return float(np.mean([ndcg_at_k([h.passage.id for h in hs], qrels[q], 10) for q, hs in zip(qids, hits)]))
+    return ndcg10({q: [h.passage.id for h in hs] for q, hs in zip(qids, hits)}, qrels)
 
 
 def main() -> None:

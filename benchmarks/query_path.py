@@ -19,10 +19,8 @@ import tempfile
 import warnings
 from pathlib import Path
 
-import numpy as np
-
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import median_ms, minilm_path, scifact, table, timed  # noqa: E402
+from _common import median_ms, minilm_path, ndcg10, scifact, table, timed  # noqa: E402
 
 warnings.filterwarnings("ignore")
 
@@ -42,7 +40,6 @@ def main() -> None:
     from langchain_community.vectorstores import FAISS
 
     from rag.config import IndexRecipe
-    from rag.eval.metrics import ndcg_at_k
     from rag.index import build_index
     from rag.integrations.langchain import RagRetriever
     from rag.retriever import DenseRetriever
@@ -56,8 +53,7 @@ def main() -> None:
     qs = [queries[q] for q in qids]
 
     def ndcg(ranked: list[list[str]]) -> float:
-        scored = [(q, r) for q, r in zip(qids, ranked) if set(qrels[q]) & ids]
-        return float(np.mean([ndcg_at_k(r, qrels[q], 10) for q, r in scored]))
+        return ndcg10({q: r for q, r in zip(qids, ranked) if set(qrels[q]) & ids}, qrels)
 
     rows = []
     with tempfile.TemporaryDirectory() as tmp:

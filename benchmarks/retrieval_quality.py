@@ -20,14 +20,16 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import minilm_path, scifact, table, timed  # noqa: E402
 
 from rag.config import IndexRecipe  # noqa: E402
-from rag.eval.metrics import ndcg_at_k, recall_at_k  # noqa: E402
+from rag.eval.retrieval import mean, per_query  # noqa: E402
 from rag.index import build_index  # noqa: E402
 from rag.retriever import BM25Retriever, DenseRetriever, HybridRetriever  # noqa: E402
 
 
-def score(ranked: dict[str, list[str]], qrels: dict[str, dict[str, int]]) -> tuple[float, float]:
-    return (float(np.mean([ndcg_at_k(ranked[q], qrels[q], 10) for q in qrels])),
-            float(np.mean([recall_at_k(ranked[q], qrels[q], 100) for q in qrels])))
+def score(ranked: dict[str, list[tuple[str, float]]], qrels: dict[str, dict[str, int]]) -> tuple[float, float]:
+    """nDCG@10 and recall@100 (trec_eval through ir-measures, the measures rag eval reports)
+    of rankings with their own scores, as BEIR evaluates them."""
+    per = per_query(qrels, ranked, ["ndcg@10", "recall@100"])
+    return mean(per, "ndcg@10"), mean(per, "recall@100")
 
 
 def main() -> None:
@@ -52,7 +54,7 @@ def main() -> None:
         hybrid = HybridRetriever(dense, bm25)
         for name, r in [("rag dense", dense), ("rag bm25", bm25), ("rag hybrid", hybrid)]:
             hits, t = timed(lambda r=r: r.search_batch(qtexts, 100))
-            ranked = {q: [h.passage.id for h in hs] for q, hs in zip(qids, hits)}
+            ranked = {q: [(h.passage.id, h.score) for h in hs] for q, hs in zip(qids, hits)}
             rows.append([name, *score(ranked, qrels), round(t, 2)])
 
     # raw sentence-transformers + faiss
@@ -65,17 +67,17 @@ def main() -> None:
     index = faiss.IndexFlatIP(emb.shape[1])
     index.add(np.asarray(emb, dtype=np.float32))
     qv = model.encode(qtexts, normalize_embeddings=True)
-    _, ii = index.search(np.asarray(qv, dtype=np.float32), 100)
-    ranked = {q: [docs[i]["_id"] for i in row] for q, row in zip(qids, ii)}
+    dd, ii = index.search(np.asarray(qv, dtype=np.float32), 100)
+    ranked = {q: [(docs[i]["_id"], float(s)) for i, s in zip(row, srow)] for q, row, srow in zip(qids, ii, dd)}
     rows.append(["raw st+faiss", *score(ranked, qrels), round(t_raw, 2)])
 
     import bm25s
 
     bm = bm25s.BM25()
     bm.index(bm25s.tokenize(texts, stopwords="en", show_progress=False), show_progress=False)
-    res, _ = bm.retrieve(bm25s.tokenize(qtexts, stopwords="en", show_progress=False),
-                         k=100, show_progress=False)
-    ranked = {q: [docs[i]["_id"] for i in row] for q, row in zip(qids, res)}
+    res, sc = bm.retrieve(bm25s.tokenize(qtexts, stopwords="en", show_progress=False),
+                          k=100, show_progress=False)
+    ranked = {q: [(docs[i]["_id"], float(s)) for i, s in zip(row, srow)] for q, row, srow in zip(qids, res, sc)}
     rows.append(["raw bm25s", *score(ranked, qrels), 0.0])
 
     print(f"SciFact: {len(docs)} docs, {len(qids)} test queries; rag index build {t_build:.1f}s, "

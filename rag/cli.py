@@ -319,8 +319,9 @@ def serve(
 
 @app.command("eval")
 def eval_(
-    pipeline: Annotated[list[Path], typer.Option("--pipeline", "-p", help="pipeline YAML (repeat to compare)")],
-    data: Annotated[Path, typer.Option(help="question set file (or BEIR folder)")],
+    pipeline: Annotated[Optional[list[Path]], typer.Option(
+        "--pipeline", "-p", help="pipeline YAML (repeat to compare)")] = None,
+    data: Annotated[Optional[Path], typer.Option(help="question set file (or BEIR folder)")] = None,
     format: Annotated[str, typer.Option(help="auto|selfrag|flashrag|squad|nq|beir|arc|alce|tsv")] = "auto",
     index: IndexOpt = None,
     limit: Annotated[Optional[int], typer.Option(help="first N questions")] = None,
@@ -331,14 +332,33 @@ def eval_(
     batch_size: Annotated[int, typer.Option(help="questions per batched pipeline call")] = 16,
     use_ctxs: Annotated[bool, typer.Option(help="use the data's pre-retrieved 'ctxs' passages")] = False,
     check: Annotated[bool, typer.Option(help="fail if metrics drift from the pipeline's expected: block")] = False,
+    qrels: Annotated[Optional[Path], typer.Option(help="graded judgments: BEIR qrels TSV or TREC qrels")] = None,
+    ignore_identical_ids: Annotated[bool, typer.Option(
+        help="drop a retrieved passage whose id equals the question id (BEIR: ArguAna, Quora)")] = False,
+    judge: Annotated[bool, typer.Option(
+        help="local answer judge: faithfulness and answer relevance from the pipeline's generator")] = False,
+    runs: Annotated[Optional[list[Path]], typer.Option(
+        "--runs", help="compare earlier run folders (repeat) instead of running pipelines")] = None,
     quiet: Quiet = False,
 ) -> None:
-    """Evaluate pipelines on a question set: predictions.jsonl, summary.json, report.md."""
-    from rag.eval.runner import evaluate
+    """Evaluate pipelines on a question set: predictions.jsonl, run.trec, summary.json with paired
+    significance tests, report.md/.html. With --runs, compare earlier run folders."""
+    from rag.eval.runner import compare_runs, evaluate
 
+    if runs:
+        if pipeline or data:
+            raise ConfigError("--runs compares finished runs; leave out --pipeline and --data")
+        result = compare_runs(runs, out)
+        for r in result["comparisons"]:
+            typer.echo(f"{r['metric']}: {r['a']} {r['mean_a']:.4f} vs {r['b']} {r['mean_b']:.4f} "
+                       f"(p={r['p']:.4f}, adjusted {r['p_adjusted']:.4f}{', significant' if r['significant'] else ''})")
+        typer.echo(f"report: {out / 'comparison.md'}")
+        return
+    if not pipeline or data is None:
+        raise ConfigError("rag eval needs --pipeline and --data (or --runs A --runs B)")
     summary = evaluate(pipeline, data, format=format, index=index, limit=limit, out=out,
                        resume=resume, batch_size=batch_size, use_ctxs=use_ctxs, progress=not quiet,
-                       task=task)
+                       task=task, qrels=qrels, ignore_identical_ids=ignore_identical_ids, judge=judge)
     for p in summary["pipelines"]:
         shown = {k: round(v["mean"], 4) for k, v in p["metrics"].items()}
         typer.echo(f"{p['pipeline']}: {json.dumps(shown)} ({p['seconds_per_question']:.3f} s/question)")
@@ -376,6 +396,63 @@ def export(
         typer.echo(text, nl=False)
     else:
         out.write_text(text, encoding="utf-8")
+
+
+tune_app = typer.Typer(no_args_is_help=True, help="Choose settings on your own queries.")
+app.add_typer(tune_app, name="tune")
+
+
+@tune_app.command("fusion")
+def tune_fusion(
+    pipeline: PipelineOpt,
+    data: Annotated[Path, typer.Option(help="questions with gold passages (BEIR folder, SQuAD, qrels)")],
+    index: IndexOpt = None,
+    format: Annotated[str, typer.Option(help="question-set format (see rag eval)")] = "auto",
+    qrels: Annotated[Optional[Path], typer.Option(help="graded judgments: BEIR qrels TSV or TREC qrels")] = None,
+    limit: Annotated[Optional[int], typer.Option(help="first N questions")] = None,
+    held_out: Annotated[float, typer.Option(min=0.05, max=0.95, help="fraction of questions held out")] = 0.5,
+    seed: Annotated[int, typer.Option(help="seed of the tuning / held-out split")] = 0,
+    measure: Annotated[str, typer.Option(help="measure to maximise")] = "ndcg@10",
+    out: Annotated[Optional[Path], typer.Option(
+        help="write the tuned pipeline here (default: the pipeline file)")] = None,
+) -> None:
+    """Tune hybrid fusion (weighted RRF or min-max score fusion) on held-out queries and record
+    it in the pipeline file (retrieval.mode: hybrid, retrieval.fusion)."""
+    import yaml
+
+    from rag.config import load_pipeline_config, load_yaml, pipeline_config
+    from rag.eval.datasets import load_dataset
+    from rag.eval.fusion import tune
+    from rag.retriever import BM25Retriever, DenseRetriever
+
+    config = load_pipeline_config(pipeline)
+    folder = index or config.index
+    if folder is None:
+        raise ConfigError(f"{pipeline} names no index; pass --index")
+    items = [it for it in load_dataset(data, format, limit=limit, qrels=qrels) if it.gold_ids]
+    depth = config.retrieval.fusion.candidates
+    queries = [it.question for it in items]
+    dense = dict(zip([it.id for it in items], DenseRetriever(folder).search_batch(queries, depth), strict=True))
+    sparse = dict(zip([it.id for it in items], BM25Retriever(folder).search_batch(queries, depth), strict=True))
+    result = tune(items, dense, sparse, measure=measure, held_out=held_out, seed=seed, depth=depth)
+    fusion = {**result["fusion"], "candidates": depth}
+    typer.echo(f"{measure} on {result['held_out_queries']} held-out questions "
+               f"(tuned on {result['tune_queries']}): " + ", ".join(
+                   f"{k} {v:.4f}" for k, v in result["held_out"].items()))
+    typer.echo(f"chosen: {json.dumps(fusion)}")
+    raw = load_yaml(pipeline)
+    raw["retrieval"] = {**raw.get("retrieval", {}), "mode": "hybrid", "fusion": fusion}
+    pipeline_config(pipeline, **raw)  # still a valid pipeline
+    target = out or pipeline
+    header = [line for line in pipeline.read_text(encoding="utf-8").splitlines()
+              if line.startswith("#") and not line.startswith("# rag tune fusion")]
+    held = ", ".join(f"{k} {v:.4f}" for k, v in result["held_out"].items())
+    header.append(f"# rag tune fusion --data {data}: held-out {measure} ({result['held_out_queries']} "
+                  f"questions, seed {seed}): {held}")
+    tmp = target.with_name(target.name + ".tmp")
+    tmp.write_text("\n".join(header) + "\n" + yaml.safe_dump(raw, sort_keys=False), encoding="utf-8")
+    tmp.replace(target)
+    typer.echo(f"written: {target}")
 
 
 models_app = typer.Typer(no_args_is_help=True, help="Packaged and local generator models.")

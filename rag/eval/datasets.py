@@ -31,11 +31,18 @@ class EvalItem(BaseModel):
     question: str
     answers: list[str] = Field(default_factory=list)
     gold_ids: list[str] = Field(default_factory=list, description="gold passage ids")
+    qrels: dict[str, int] = Field(default_factory=dict, description="graded judgments (BEIR/TREC qrels), "
+                                  "zeros included; empty = every gold id counts 1")
     choices: list[tuple[str, str]] | None = Field(None, description="(label, text) for multiple choice")
     answer_key: str | None = None
     ctxs: list[Passage] | None = Field(None, description="pre-retrieved passages")
     extra: dict[str, Any] = Field(default_factory=dict, description="the record's other fields, "
                                   "kept for scorers that read them (ALCE's qa_pairs, FactScore's topic)")
+
+    @property
+    def judgments(self) -> dict[str, int]:
+        """Graded relevance of judged passages (the qrels, or 1 for each gold id)."""
+        return dict(self.qrels) if self.qrels else dict.fromkeys(self.gold_ids, 1)
 
     @property
     def closed(self) -> bool:
@@ -208,27 +215,24 @@ def _squad(path: Path) -> Iterator[EvalItem]:
                                gold_ids=[squad_passage_id(title, i)])
 
 
-def _beir(path: Path) -> Iterator[EvalItem]:
+def _beir(path: Path, qrels_path: Path | None = None) -> Iterator[EvalItem]:
+    """BEIR folder: ``queries.jsonl`` and ``qrels/test.tsv`` (else the first ``qrels/*.tsv``),
+    graded judgments kept; queries without a judgment are skipped."""
+    from rag.eval.retrieval import read_qrels
+
     folder = path if path.is_dir() else path.parent
     qrels_dir = folder / "qrels"
-    candidates = [qrels_dir / "test.tsv"] if (qrels_dir / "test.tsv").exists() else sorted(qrels_dir.glob("*.tsv"))
-    qrels_file = candidates[0] if candidates else None
-    if qrels_file is None:
-        raise CorpusError(f"no qrels/*.tsv next to {folder / 'queries.jsonl'}")
-    gold: dict[str, list[str]] = {}
-    with qrels_file.open(encoding="utf-8") as f:
-        for lineno, row in enumerate(csv.reader(f, delimiter="\t"), 1):
-            if lineno == 1 and row and row[0] == "query-id":
-                continue
-            if len(row) < 3:
-                raise CorpusError("qrels rows are query-id, corpus-id, score", source=str(qrels_file), line=lineno)
-            if int(row[2]) > 0:
-                gold.setdefault(row[0], []).append(row[1])
+    if qrels_path is None:
+        candidates = [qrels_dir / "test.tsv"] if (qrels_dir / "test.tsv").exists() else sorted(qrels_dir.glob("*.tsv"))
+        if not candidates:
+            raise CorpusError(f"no qrels/*.tsv next to {folder / 'queries.jsonl'}; pass --qrels FILE")
+        qrels_path = candidates[0]
+    judged = read_qrels(qrels_path)
     for lineno, o in _jsonl(folder / "queries.jsonl"):
         qid = str(_need(o, "_id", folder / "queries.jsonl", lineno, (str, int)))
-        if qid in gold:
+        if qid in judged:
             yield EvalItem(id=qid, question=_need(o, "text", folder / "queries.jsonl", lineno, str),
-                           gold_ids=gold[qid])
+                           gold_ids=[d for d, r in judged[qid].items() if r > 0], qrels=judged[qid])
 
 
 def _tsv(path: Path) -> Iterator[EvalItem]:
@@ -251,13 +255,24 @@ _LOADERS = {"selfrag": _selfrag, "flashrag": _flashrag, "squad": _squad, "nq": _
             "arc": _arc, "alce": _alce, "tsv": _tsv}
 
 
-def load_dataset(path: str | Path, format: str = "auto", *, limit: int | None = None) -> list[EvalItem]:
-    """Load a question set (first ``limit`` items)."""
+def load_dataset(path: str | Path, format: str = "auto", *, limit: int | None = None,
+                 qrels: str | Path | None = None) -> list[EvalItem]:
+    """Load a question set (first ``limit`` items). ``qrels`` (BEIR TSV or TREC qrels) gives the
+    judgments: for a BEIR folder it replaces ``qrels/test.tsv``; for any other set it is matched
+    to the questions by id."""
     fmt = detect_format(path) if format == "auto" else format
     if fmt not in _LOADERS:
         raise CorpusError(f"unknown question-set format {fmt!r}; use one of {', '.join(FORMATS)}")
+    items = _beir(Path(path), Path(qrels)) if fmt == "beir" and qrels else _LOADERS[fmt](Path(path))
+    if qrels and fmt != "beir":
+        from rag.eval.retrieval import read_qrels
+
+        judged = read_qrels(qrels)
+        items = (it.model_copy(update={"qrels": judged.get(it.id, {}),
+                                       "gold_ids": [d for d, r in judged.get(it.id, {}).items() if r > 0]})
+                 for it in items)
     out: list[EvalItem] = []
-    for item in _LOADERS[fmt](Path(path)):
+    for item in items:
         out.append(item)
         if limit is not None and len(out) >= limit:
             break

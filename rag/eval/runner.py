@@ -28,22 +28,22 @@ from rag.eval.metrics import (
     bootstrap_ci,
     exact_match,
     f1,
-    hit_at_k,
     match,
     match_normalized,
-    mrr_at_k,
-    ndcg_at_k,
     normalize_answer,
 )
+from rag.eval.retrieval import MEASURES, per_query, run_from_records, write_run
 from rag.types import Answer, ChatMessage, Hit
 
 log = logging.getLogger(__name__)
-RECALL_KS = (1, 5, 20)
+HIT_KS = (1, 5, 20)
 
 
-def score_item(item: EvalItem, answer: Answer, *, answer_metrics: bool = True) -> dict[str, float]:
+def score_item(item: EvalItem, answer: Answer, *, answer_metrics: bool = True,
+               ignore_identical_ids: bool = False) -> dict[str, float]:
     """Metrics of one prediction: answer metrics (if the item has answers and the pipeline
-    generates) and retrieval metrics (against gold passage ids, else gold answer strings)."""
+    generates) and retrieval metrics: `rag.eval.retrieval.MEASURES` against the item's graded
+    judgments, else ``hit@k`` against the gold answer strings (DPR's top-k accuracy)."""
     m: dict[str, float] = {}
     if answer_metrics and item.answers:
         pred = answer.text
@@ -53,17 +53,15 @@ def score_item(item: EvalItem, answer: Answer, *, answer_metrics: bool = True) -
             m["accuracy"] = float(normalise_closed_answer(pred, item.choices) == item.answer_key)
         m.update(em=exact_match(pred, item.answers), f1=f1(pred, item.answers),
                  match=match(pred, item.answers), match_norm=match_normalized(pred, item.answers))
-    ranked = [h.passage.id for h in answer.hits]
-    if item.gold_ids and ranked:
-        for k in RECALL_KS:
-            m[f"recall@{k}"] = hit_at_k(ranked, item.gold_ids, k)
-        m["mrr@10"] = mrr_at_k(ranked, item.gold_ids, 10)
-        m["ndcg@10"] = ndcg_at_k(ranked, {g: 1.0 for g in item.gold_ids}, 10)
+    if item.gold_ids and answer.hits:
+        run = {item.id: [(h.passage.id, h.score) for h in answer.hits]}
+        m.update(per_query({item.id: item.judgments}, run, MEASURES,
+                           ignore_identical_ids=ignore_identical_ids)[item.id])
     elif item.answers and answer.hits and not item.closed:
         golds = [normalize_answer(a) for a in item.answers if normalize_answer(a)]
         texts = [normalize_answer(f"{h.passage.title} {h.passage.text}") for h in answer.hits]
-        for k in RECALL_KS:
-            m[f"recall@{k}"] = float(any(g in t for t in texts[:k] for g in golds))
+        for k in HIT_KS:
+            m[f"hit@{k}"] = float(any(g in t for t in texts[:k] for g in golds))
     return m
 
 
@@ -113,7 +111,8 @@ def _record(item: EvalItem, answer: Answer, metrics: dict[str, float], seconds: 
     return {**extra, "id": item.id, "question": item.question, "prediction": answer.text,
             "gold": item.answers or item.gold_ids, "metrics": metrics,
             "citations": [c.model_dump() for c in answer.citations],
-            "hits": [h.passage.id for h in answer.hits[:20]],
+            "hits": [h.passage.id for h in answer.hits[:100]],
+            "hit_scores": [round(h.score, 6) for h in answer.hits[:100]],
             "scores": [s.model_dump() for s in answer.scores],
             "retrieval": answer.retrieval.model_dump() if answer.retrieval else None,
             "seconds": round(seconds, 4)}
@@ -147,7 +146,8 @@ class _GeneratorCache:
 
 def run_pipeline(name: str, pipeline: Any, items: Sequence[EvalItem], out: Path, *,
                  batch_size: int = 16, use_ctxs: bool = False, resume: bool = False,
-                 progress: bool = True) -> list[dict[str, Any]]:
+                 progress: bool = True, ignore_identical_ids: bool = False,
+                 judge: bool = False) -> list[dict[str, Any]]:
     """Evaluate one pipeline; appends to ``out/predictions.jsonl`` batch by batch."""
     from tqdm.auto import tqdm
 
@@ -158,6 +158,11 @@ def run_pipeline(name: str, pipeline: Any, items: Sequence[EvalItem], out: Path,
     done = _read_done(pred_file) if resume else {}
     todo = [it for it in items if it.id not in done]
     generates = pipeline.generator is not None
+    judging = None
+    if judge and generates:
+        from rag.eval.judge import make_judge
+
+        judging = make_judge(pipeline)
     selfrag = getattr(pipeline.config, "selfrag", None)
     long_form = selfrag is not None and selfrag.decoding == "long"
     if use_ctxs and not all(it.ctxs for it in todo):
@@ -175,8 +180,12 @@ def run_pipeline(name: str, pipeline: Any, items: Sequence[EvalItem], out: Path,
             answers = pipeline.answer_batch([[ChatMessage(role="user", content=it.prompt_text())]
                                              for it in batch], hits=hits)
             per = (time.perf_counter() - t0) / len(batch)
-            for it, a in zip(batch, answers, strict=True):
-                rec = _record(it, a, score_item(it, a, answer_metrics=generates), per, alce=long_form)
+            verdicts, checks = _judge(judging, batch, answers) if judging else ([{}] * len(batch), {})
+            for it, a, verdict in zip(batch, answers, verdicts, strict=True):
+                metrics = score_item(it, a, answer_metrics=generates, ignore_identical_ids=ignore_identical_ids)
+                rec = _record(it, a, {**metrics, **verdict}, per, alce=long_form)
+                if it.id in checks:
+                    rec["judge_check"] = list(checks[it.id])
                 done[it.id] = rec
                 f.write(json.dumps(rec, ensure_ascii=False) + "\n")
             f.flush()
@@ -186,13 +195,41 @@ def run_pipeline(name: str, pipeline: Any, items: Sequence[EvalItem], out: Path,
     records = [done[it.id] for it in items if it.id in done]
     if long_form:  # what ALCE's eval.py (and FactScore, from topic + output) reads
         _write_json(out / "alce.json", {"data": [r["alce"] for r in records]})
+    if any(r["hits"] for r in records):  # for trec_eval, ranx, pyserini
+        write_run(out / "run.trec", run_from_records(records), tag=name)
     return records
+
+
+def _judge(judge: Any, batch: Sequence[EvalItem], answers: Sequence[Answer]
+           ) -> tuple[list[dict[str, float]], dict[str, tuple[int, float]]]:
+    """The judge's verdicts on a batch's answers (cited passages), and its check against gold:
+    does the top passage support the gold answer (label: the answer string occurs in it)."""
+    from rag.generation import run_sync
+
+    def cited(a: Answer) -> list[Any]:
+        ids = {c.id for c in a.citations}
+        return [h.passage for h in a.hits if h.passage.id in ids]
+
+    pairs = list(zip(batch, answers, strict=True))
+    verdicts = run_sync(lambda: judge.judge([(it.question, a.text, cited(a)) for it, a in pairs]))
+    gold = [(it, a.hits[0].passage) for it, a in pairs if it.answers and a.hits and not it.closed]
+    checks = run_sync(lambda: judge.check([(it.question, it.answers, p) for it, p in gold]))
+    return verdicts, {it.id: c for (it, _), c in zip(gold, checks, strict=True)}
 
 
 def _write_json(path: Path, obj: Any) -> None:
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(json.dumps(obj, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
     os.replace(tmp, path)
+
+
+def _judge_summary(records: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    from rag.eval.judge import METHOD, agreement
+
+    checks = [tuple(r["judge_check"]) for r in records if "judge_check" in r]
+    if not checks:
+        return {}
+    return {"judge": {"method": METHOD, "agreement": agreement(checks), "n": len(checks)}}  # type: ignore[arg-type]
 
 
 def summarize(records: Sequence[dict[str, Any]]) -> dict[str, Any]:
@@ -225,36 +262,46 @@ def evaluate(pipeline_files: Sequence[str | Path], data: str | Path, *, format: 
              index: str | Path | None = None, limit: int | None = None, out: str | Path = "runs/eval",
              resume: bool = False, batch_size: int = 16, use_ctxs: bool = False,
              progress: bool = True, pipelines: dict[str, Any] | None = None,
-             task: str | None = None) -> dict[str, Any]:
-    """Run every pipeline over the question set; write predictions, summary.json, report.md.
+             task: str | None = None, qrels: str | Path | None = None,
+             ignore_identical_ids: bool = False, judge: bool = False) -> dict[str, Any]:
+    """Run every pipeline over the question set; write predictions, TREC run files,
+    summary.json (with paired significance tests between the pipelines) and the report.
 
     ``pipelines`` maps a pipeline file to an already built pipeline object (tests, notebooks);
-    ``task`` applies a Self-RAG task preset (`rag.selfrag.tasks`) over each pipeline file.
+    ``task`` applies a Self-RAG task preset (`rag.selfrag.tasks`) over each pipeline file;
+    ``qrels`` gives graded judgments (BEIR TSV or TREC qrels); ``ignore_identical_ids`` drops a
+    retrieved passage whose id is the question's (BEIR's ArguAna/Quora convention); ``judge``
+    adds the local answer judge's faithfulness and answer relevance (`rag.eval.judge`).
     """
+    from rag.eval.compare import TEST, compare, per_query_scores
     from rag.pipeline import build_pipeline
     from rag.selfrag.tasks import TASKS
 
     t0 = time.time()
     out = Path(out)
-    items = load_dataset(data, format, limit=limit)
+    items = load_dataset(data, format, limit=limit, qrels=qrels)
     cache = _GeneratorCache()
     results = []
     try:
         for file in pipeline_files:
             config = load_pipeline_config(file, task=task)
+            if use_ctxs and index is None and config.kind != "retrieval":  # the data brings the passages
+                config = config.model_copy(update={"index": None})
             config_task = getattr(getattr(config, "selfrag", None), "task", None)
             pipe = (pipelines or {}).get(str(file)) or build_pipeline(config, index=index,
                                                                        generator=cache.get(config))
             cache.put(config, pipe)
             start = time.time()
             records = run_pipeline(config.name, pipe, items, out / config.name, batch_size=batch_size,
-                                   use_ctxs=use_ctxs, resume=resume, progress=progress)
+                                   use_ctxs=use_ctxs, resume=resume, progress=progress,
+                                   ignore_identical_ids=ignore_identical_ids, judge=judge)
             summary = summarize(records)
             results.append({"pipeline": config.name, "file": str(file), "config_hash": config_hash(config),
                             "kind": config.kind, "task": config_task,
                             "primary_metric": TASKS.get(config_task or "", {}).get("metric"),
                             "wall_seconds": round(time.time() - start, 2),
-                            "check": check_expected(config, summary), **summary})
+                            "check": check_expected(config, summary), **summary,
+                            **_judge_summary(records)})
     finally:
         if pipelines is None:  # engines this run started
             cache.close()
@@ -263,10 +310,31 @@ def evaluate(pipeline_files: Sequence[str | Path], data: str | Path, *, format: 
                    "wall_seconds": round(time.time() - t0, 2),
                    "match_note": "match = gold string contained in the prediction, case-sensitive "
                                  "(Self-RAG); match_norm = the same after SQuAD normalisation",
-                   "pipelines": results}
+                   "ignore_identical_ids": ignore_identical_ids, "pipelines": results,
+                   "significance_test": TEST,
+                   "comparisons": compare({r["pipeline"]: per_query_scores(out / r["pipeline"]) for r in results})
+                   if len(results) > 1 else []}
     out.mkdir(parents=True, exist_ok=True)
     _write_json(out / "summary.json", summary_all)
     from rag.eval.report import write_report
 
     write_report(out, summary_all)
     return summary_all
+
+
+def compare_runs(folders: Sequence[str | Path], out: str | Path) -> dict[str, Any]:
+    """Compare the pipelines of earlier run folders from their saved per-query scores (nothing
+    is recomputed): ``out/comparison.json`` and ``out/comparison.md``."""
+    from rag.eval.compare import TEST, compare, load_runs
+    from rag.eval.report import comparison_blocks, to_html, to_markdown
+
+    per = load_runs(folders)
+    rows = compare(per)
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    result = {"runs": [str(f) for f in folders], "significance_test": TEST, "comparisons": rows}
+    _write_json(out / "comparison.json", result)
+    doc = [("h1", "Comparison: " + ", ".join(str(f) for f in folders)), *comparison_blocks(rows, TEST)]
+    (out / "comparison.md").write_text(to_markdown(doc), encoding="utf-8")
+    (out / "comparison.html").write_text(to_html(doc), encoding="utf-8")
+    return result
