@@ -101,9 +101,21 @@ def load_recipe(path: str | Path) -> IndexRecipe:
     return _load(path, IndexRecipe)
 
 
+class FusionConfig(_Config):
+    """How ``mode: hybrid`` fuses dense and BM25 (`rag.retriever.fuse`); ``rag tune fusion``
+    chooses these on held-out queries and records them here."""
+
+    method: Literal["rrf", "minmax"] = Field("rrf", description="weighted reciprocal rank, or min-max "
+                                             "normalised scores, summed")
+    dense_weight: float = Field(0.5, ge=0.0, le=1.0, description="dense side's weight; BM25 gets 1 - this")
+    rrf_k: int = Field(60, ge=1, description="rrf: score = w / (rrf_k + rank)")
+    candidates: int = Field(100, ge=1, description="hits taken from each side before fusing")
+
+
 class RetrievalConfig(_Config):
     mode: Literal["dense", "bm25", "hybrid", "none"] = Field(
         "dense", description="none: never retrieve, even when an index is given")
+    fusion: FusionConfig = FusionConfig()
     top_k: int = Field(10, ge=1, le=1000, description="passages retrieved per query")
     context_chars: int = Field(2048, ge=1, description="character budget of the context string")
     device: Literal["auto", "cpu", "gpu"] = "auto"

@@ -1,4 +1,4 @@
-"""Retrievers: dense (FAISS), BM25 (bm25s) and hybrid (reciprocal-rank fusion).
+"""Retrievers: dense (FAISS), BM25 (bm25s) and hybrid (weighted rank or score fusion).
 
 All return `Hit`s with higher-is-better scores and 1-based ranks. ``filter`` restricts results
 to passages whose metadata (or id/title) equals every given value.
@@ -177,15 +177,38 @@ class BM25Retriever(_Base):
         return out
 
 
-class HybridRetriever(_Base):
-    """Reciprocal-rank fusion of dense and BM25: score = sum 1 / (rrf_k + rank).
+def fuse(dense: Sequence[Hit], sparse: Sequence[Hit], *, method: str = "rrf", dense_weight: float = 0.5,
+         rrf_k: int = 60) -> list[tuple[str, float]]:
+    """Fuse two rankings into ``(passage id, score)``, best first (ties by id).
 
-    Each side contributes its top ``candidates`` (default max(100, top_k)).
+    ``rrf``: ``w / (rrf_k + rank)`` summed over the sides a passage appears in (Cormack et al.,
+    2009, weighted). ``minmax``: each side's scores scaled to [0, 1] over its own list, then
+    ``w * scaled`` summed (a passage missing from a side gets 0 there). The dense side has weight
+    ``dense_weight``, BM25 ``1 - dense_weight``; weight 1 (or 0) reproduces one side's ranking.
     """
+    fused: dict[str, float] = {}
+    for hits, w in ((dense, dense_weight), (sparse, 1.0 - dense_weight)):
+        if method == "minmax" and hits:
+            lo, hi = min(h.score for h in hits), max(h.score for h in hits)
+            span = hi - lo
+            for h in hits:
+                fused[h.passage.id] = fused.get(h.passage.id, 0.0) + w * ((h.score - lo) / span if span else 1.0)
+        elif method == "rrf":
+            for h in hits:
+                fused[h.passage.id] = fused.get(h.passage.id, 0.0) + w / (rrf_k + h.rank)
+        elif method != "minmax":
+            raise ConfigError(f"unknown fusion method {method!r}; use rrf or minmax")
+    return sorted(fused.items(), key=lambda kv: (-kv[1], kv[0]))
 
-    def __init__(self, dense: DenseRetriever, bm25: BM25Retriever, *, rrf_k: int = 60,
-                 candidates: int = 100):
-        self.dense, self.bm25, self.rrf_k, self.candidates = dense, bm25, rrf_k, candidates
+
+class HybridRetriever(_Base):
+    """Dense + BM25 fused by `fuse` (default: equal-weight reciprocal-rank fusion). Each side
+    contributes its top ``candidates`` (at least top_k)."""
+
+    def __init__(self, dense: DenseRetriever, bm25: BM25Retriever, *, method: str = "rrf",
+                 dense_weight: float = 0.5, rrf_k: int = 60, candidates: int = 100):
+        self.dense, self.bm25, self.candidates = dense, bm25, candidates
+        self.method, self.dense_weight, self.rrf_k = method, dense_weight, rrf_k
         self.store = dense.store
 
     def search_batch(self, queries: Sequence[str], top_k: int = 10, *,
@@ -196,26 +219,22 @@ class HybridRetriever(_Base):
         sparse = self.bm25.search_batch(queries, n, filter=filter)
         out = []
         for d_hits, s_hits in zip(dense, sparse, strict=True):
-            fused: dict[str, float] = {}
-            passages = {}
-            for hits in (d_hits, s_hits):
-                for h in hits:
-                    fused[h.passage.id] = fused.get(h.passage.id, 0.0) + 1.0 / (self.rrf_k + h.rank)
-                    passages[h.passage.id] = h.passage
-            best = sorted(fused.items(), key=lambda kv: (-kv[1], kv[0]))[:top_k]
-            out.append([Hit(passage=passages[pid], score=s, rank=i + 1)
-                        for i, (pid, s) in enumerate(best)])
+            passages = {h.passage.id: h.passage for hits in (d_hits, s_hits) for h in hits}
+            best = fuse(d_hits, s_hits, method=self.method, dense_weight=self.dense_weight, rrf_k=self.rrf_k)
+            out.append([Hit(passage=passages[pid], score=s, rank=i + 1) for i, (pid, s) in enumerate(best[:top_k])])
         return out
 
 
 def load_retriever(folder: str | Path, mode: Mode = "dense", *, device: str = "auto",
-                   embedder: Embedder | None = None, **kwargs: Any) -> Retriever:
-    """A retriever over an index folder: ``dense``, ``bm25`` or ``hybrid``."""
+                   embedder: Embedder | None = None, fusion: dict[str, Any] | None = None,
+                   **kwargs: Any) -> Retriever:
+    """A retriever over an index folder: ``dense``, ``bm25`` or ``hybrid`` (``fusion``: the
+    keyword arguments of `HybridRetriever`)."""
     if mode == "dense":
         return DenseRetriever(folder, embedder=embedder, device=device, **kwargs)
     if mode == "bm25":
         return BM25Retriever(folder)
     if mode == "hybrid":
         return HybridRetriever(DenseRetriever(folder, embedder=embedder, device=device, **kwargs),
-                               BM25Retriever(folder))
+                               BM25Retriever(folder), **(fusion or {}))
     raise ConfigError(f"unknown retrieval mode {mode!r}; use dense, bm25 or hybrid")

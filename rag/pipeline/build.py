@@ -21,7 +21,8 @@ def build_pipeline(config: PipelineConfig, *, index: str | Path | None = None,
 
     folder = index or config.index
     if retriever is None and folder is not None and config.retrieval.mode != "none":
-        retriever = load_retriever(folder, config.retrieval.mode, device=config.retrieval.device)
+        retriever = load_retriever(folder, config.retrieval.mode, device=config.retrieval.device,
+                                   fusion=config.retrieval.fusion.model_dump())
     if isinstance(config, RetrievalPipelineConfig):
         if retriever is None:
             raise ConfigError(f"pipeline {config.name!r} is retrieval-only and needs an index (--index)")
