@@ -70,14 +70,18 @@ def _curves(out: Path, names: Sequence[str], pipes: Sequence[dict[str, Any]]) ->
         return None
     plt = _plt()
     fig, ax = plt.subplots(figsize=(4.8, 3.5))
+    colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    all_ks: set[int] = set()
     for family, ns in families:
         ks = [int(n.split("@")[1]) for n in ns]
-        for p in pipes:
+        all_ks.update(ks)
+        for i, p in enumerate(pipes):
             if any(n in p["metrics"] for n in ns):
                 ax.plot(ks, [p["metrics"].get(n, {}).get("mean", float("nan")) for n in ns], marker="o",
-                        linestyle="-" if family == "recall" else "--", label=f"{p['pipeline']} {family}")
-        ax.set_xscale("log")
-        ax.set_xticks(ks, [str(k) for k in ks])
+                        color=colours[i % len(colours)], linestyle="-" if family == "recall" else "--",
+                        label=f"{p['pipeline']} {family}")
+    ax.set_xscale("log")
+    ax.set_xticks(sorted(all_ks), [str(k) for k in sorted(all_ks)])
     ax.set_xlabel("k")
     ax.set_ylabel("recall@k (—), hit@k (- -)")
     ax.set_ylim(0, 1)

@@ -2,8 +2,9 @@
 through pytrec-eval-terrier), so each name means what it means in trec_eval, BEIR and pyserini.
 
 Why ir-measures: its default backend *is* trec_eval (the implementation BEIR's ``EvaluateRetrieval``
-and pyserini report), it is a small C extension with no JIT warm-up, and it reads and writes
-TREC files. Measures (``MEASURES``):
+and pyserini report), and it is a small C extension with no JIT warm-up. ranx was the other
+candidate: its numba kernels compile on first use, and it brings pandas, seaborn, ir-datasets and
+fastparquet. Measures (``MEASURES``):
 
 - ``ndcg@k``: trec_eval ``ndcg_cut``; gain = the graded relevance, log2 discount.
 - ``recall@k``: the *fraction* of relevant documents in the top k (trec_eval ``recall``).
