@@ -11,7 +11,9 @@ Both are probabilities in [0, 1], averaged with bootstrap intervals like every m
 question has gold answers and the pipeline retrieved a passage, the judge is also asked whether
 the *gold* answer is supported by the top passage, and its verdict (p > 0.5) is compared with
 the known label (a gold answer string occurs in that passage, SQuAD-normalised): the agreement
-rate says how far the judge's numbers can be trusted on this data.
+rate and the threshold-free AUC say how far the judge's numbers can be trusted on this data (a
+small model that answers "No" to everything agrees exactly as often as the labels are negative,
+and its AUC stays near 0.5).
 """
 
 from __future__ import annotations
@@ -87,3 +89,16 @@ def make_judge(pipeline: Any) -> AnswerJudge:
 def agreement(checks: Sequence[tuple[int, float]]) -> float:
     """Share of checks where the judge's verdict (p > 0.5) equals the gold label."""
     return sum((s > 0.5) == bool(label) for label, s in checks) / len(checks) if checks else float("nan")
+
+
+def auc(checks: Sequence[tuple[int, float]]) -> float:
+    """Area under the ROC curve of the judge's probability against the gold labels (threshold
+    free: 0.5 = no better than chance, 1 = every supported case above every unsupported one);
+    the Mann-Whitney U statistic over n_pos * n_neg. NaN when one label is missing."""
+    from scipy.stats import mannwhitneyu
+
+    pos = [s for label, s in checks if label]
+    neg = [s for label, s in checks if not label]
+    if not pos or not neg:
+        return float("nan")
+    return float(mannwhitneyu(pos, neg).statistic) / (len(pos) * len(neg))

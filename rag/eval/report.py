@@ -164,7 +164,8 @@ def blocks(out: Path, summary: dict[str, Any]) -> list[Block]:
         if p.get("judge"):
             j = p["judge"]
             doc.append(("p", f"{p['pipeline']}: answer judge ({j['method']}) agrees with the gold label "
-                             f"(gold answer in the top passage) on {j['agreement']:.3f} of {j['n']} checks."))
+                             f"(gold answer in the top passage) on {j['agreement']:.3f} of {j['n']} checks "
+                             f"({j['supported']} supported); AUC {j['auc']:.3f} (0.5 = chance)."))
     answer = [n for n in names if not n.startswith(RETRIEVAL)]
     retrieval = [n for n in names if n.startswith(("ndcg@", "mrr@", "map")) or n in ("recall@100",)]
     for file in (_bars(out, "metrics.png", answer, pipes), _bars(out, "retrieval.png", retrieval, pipes),

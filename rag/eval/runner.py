@@ -224,12 +224,13 @@ def _write_json(path: Path, obj: Any) -> None:
 
 
 def _judge_summary(records: Sequence[dict[str, Any]]) -> dict[str, Any]:
-    from rag.eval.judge import METHOD, agreement
+    from rag.eval.judge import METHOD, agreement, auc
 
-    checks = [tuple(r["judge_check"]) for r in records if "judge_check" in r]
+    checks = [(int(r["judge_check"][0]), float(r["judge_check"][1])) for r in records if "judge_check" in r]
     if not checks:
         return {}
-    return {"judge": {"method": METHOD, "agreement": agreement(checks), "n": len(checks)}}  # type: ignore[arg-type]
+    return {"judge": {"method": METHOD, "agreement": agreement(checks), "auc": auc(checks), "n": len(checks),
+                      "supported": sum(label for label, _ in checks)}}
 
 
 def summarize(records: Sequence[dict[str, Any]]) -> dict[str, Any]:

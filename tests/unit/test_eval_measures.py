@@ -181,7 +181,7 @@ def test_summary_carries_comparisons(tmp_path: Path) -> None:
 def test_answer_judge_reads_yes_against_no_and_reports_agreement() -> None:
     import asyncio
 
-    from rag.eval.judge import AnswerJudge, agreement
+    from rag.eval.judge import AnswerJudge, agreement, auc
     from rag.generation.scripted import ScriptedGenerator
     from rag.prompts import get_format
     from rag.types import Generation
@@ -208,3 +208,6 @@ def test_answer_judge_reads_yes_against_no_and_reports_agreement() -> None:
     checks = asyncio.run(judge.check([("Capital?", ["Paris"], paris), ("Capital?", ["Paris"], nile)]))
     assert checks == [(1, pytest.approx(0.9)), (0, pytest.approx(0.2))]  # gold label: answer in passage
     assert agreement(checks) == 1.0 and agreement([(1, 0.4), (0, 0.1)]) == 0.5
+    assert auc(checks) == 1.0 and auc([(1, 0.4), (0, 0.1)]) == 1.0  # ranks right, threshold wrong
+    assert auc([(1, 0.2), (1, 0.6), (0, 0.4), (0, 0.4)]) == pytest.approx(0.5)
+    assert math.isnan(auc([(1, 0.3)]))
