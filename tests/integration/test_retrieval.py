@@ -67,7 +67,7 @@ def test_bm25_and_hybrid(dpr_index: Path) -> None:
     assert isinstance(hybrid, HybridRetriever)
     fused = hybrid.search("Genentech lobbyist", 5)
     assert fused[0].passage.title == "Evan Morris"
-    assert fused[0].score == pytest.approx(2 / 61)  # rank 1 on both sides: 1/61 + 1/61
+    assert fused[0].score == pytest.approx(0.5 / 61 + 0.5 / 61)  # rank 1 on both sides, weights 0.5 each
 
 
 def test_scifact_slice_recall(shared_data: Path, tmp_path: Path) -> None:
