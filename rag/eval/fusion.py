@@ -15,6 +15,7 @@ import hashlib
 from collections.abc import Sequence
 from typing import Any
 
+from rag.errors import ConfigError
 from rag.eval.datasets import EvalItem
 from rag.eval.retrieval import mean, per_query
 from rag.retriever import fuse
@@ -56,10 +57,11 @@ def tune(items: Sequence[EvalItem], dense: dict[str, list[Hit]], sparse: dict[st
     settings (``fusion``), every grid point's tuning score and the held-out table."""
     judged = [it for it in items if it.gold_ids]
     if len(judged) < 4:
-        raise ValueError("fusion tuning needs at least 4 questions with gold passages")
+        raise ConfigError(f"fusion tuning needs at least 4 questions with gold passages, got {len(judged)}; "
+                          "give a question set with gold passages or qrels (--qrels)")
     tune_items, held = split(judged, held_out, seed)
     if not tune_items or not held:
-        raise ValueError(f"held_out={held_out} leaves one half empty; use a fraction between 0 and 1")
+        raise ConfigError(f"held_out={held_out} leaves one half empty; use a fraction between 0 and 1")
     scored = [(_score(tune_items, _fused(tune_items, dense, sparse, depth, **g), measure), g) for g in grid(step)]
     # best score; among equals the weight nearest 0.5 (both sides), then rrf
     best_score, best = max(scored, key=lambda sg: (round(sg[0], 10), -abs(sg[1]["dense_weight"] - 0.5),
