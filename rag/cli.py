@@ -305,16 +305,20 @@ def serve(
     port: Annotated[int, typer.Option(help="TCP port")] = 8000,
     max_inflight: Annotated[int, typer.Option(help="requests in flight (streams too) before 429")] = 64,
     timeout: Annotated[float, typer.Option(help="per-request timeout in seconds")] = 120.0,
+    runs: Annotated[Optional[Path], typer.Option(
+        help="folder of rag eval runs the playground page may open", exists=True, file_okay=False)] = None,
 ) -> None:
-    """Serve a pipeline over an OpenAI-compatible HTTP API (RAG_API_KEY enables auth)."""
+    """Serve a pipeline over an OpenAI-compatible HTTP API and a playground page at /
+    (RAG_API_KEY enables auth)."""
     from rag.service import ServiceLimits
     from rag.service import serve as run_server
     from rag.settings import get_settings
 
     with _pipeline(pipeline, index) as pipe:
-        typer.echo(f"serving {pipe.config.name} on http://{host}:{port}/v1", err=True)
+        typer.echo(f"serving {pipe.config.name} on http://{host}:{port}/v1 (playground: "
+                   f"http://{host}:{port}/)", err=True)
         run_server(pipe, host=host, port=port, api_key=get_settings().api_key,
-                   limits=ServiceLimits(max_inflight=max_inflight, timeout_s=timeout))
+                   limits=ServiceLimits(max_inflight=max_inflight, timeout_s=timeout), runs_dir=runs)
 
 
 @app.command("eval")

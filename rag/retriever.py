@@ -225,6 +225,32 @@ class HybridRetriever(_Base):
         return out
 
 
+def sibling_retriever(retriever: Retriever, mode: Mode, *, device: str = "auto",
+                      fusion: dict[str, Any] | None = None) -> Retriever:
+    """A retriever of another mode over the same index folder, reusing the parts ``retriever``
+    already has (its encoder and FAISS index, its BM25 model)."""
+    dense = retriever.dense if isinstance(retriever, HybridRetriever) else retriever
+    bm25 = retriever.bm25 if isinstance(retriever, HybridRetriever) else retriever
+    folder = getattr(dense, "folder", None)
+    if folder is None:
+        raise ConfigError(f"{type(retriever).__name__} has no index folder; only the pipeline's own "
+                          "retrieval mode can be searched")
+
+    def dense_part() -> DenseRetriever:
+        return dense if isinstance(dense, DenseRetriever) else DenseRetriever(folder, device=device)
+
+    def bm25_part() -> BM25Retriever:
+        return bm25 if isinstance(bm25, BM25Retriever) else BM25Retriever(folder)
+
+    if mode == "dense":
+        return dense_part()
+    if mode == "bm25":
+        return bm25_part()
+    if mode == "hybrid":
+        return HybridRetriever(dense_part(), bm25_part(), **(fusion or {}))
+    raise ConfigError(f"unknown retrieval mode {mode!r}; use dense, bm25 or hybrid")
+
+
 def load_retriever(folder: str | Path, mode: Mode = "dense", *, device: str = "auto",
                    embedder: Embedder | None = None, fusion: dict[str, Any] | None = None,
                    **kwargs: Any) -> Retriever:

@@ -1,15 +1,20 @@
 """OpenAI-compatible HTTP service over one pipeline (FastAPI).
 
 Routes: ``POST /v1/chat/completions`` (JSON or SSE streaming), ``GET /v1/models``,
-``POST /v1/retrieve``, ``GET /health``, ``GET /metrics`` (Prometheus text).
+``POST /v1/retrieve`` (the pipeline's mode, or ``mode``: dense / bm25 / hybrid over its index),
+``GET /v1/info`` (what the playground needs to know), ``GET /v1/runs`` and
+``GET /v1/runs/{run}/{file}`` (eval reports under ``runs_dir``), ``GET /health``, ``GET /metrics``
+(Prometheus text), and the playground page ``GET /`` (static files in ``rag/static``).
 
 Generation runs on the pipeline's engine (vLLM's async engine batches concurrent requests
 continuously; the transformers backend batches them on its worker). Streaming and non-streaming
 requests share one admission bound (``max_inflight``; past it 429 with ``Retry-After``) and one
 per-request timeout (504 for JSON; an error event, then ``[DONE]``, for SSE). A client that goes
 away aborts its generation; so does a server shutdown (503 / an error event). Errors use the
-OpenAI error shape. Responses carry an extension field ``rag`` (citations; Self-RAG scores and
-retrieval decision); requests may carry ``rag: {"top_k": N, "include_trace": bool}``. Message
+OpenAI error shape. Responses carry an extension field ``rag`` (citations; Self-RAG scores, the
+chosen candidate and the retrieval decision); requests may carry ``rag: {"top_k": N,
+"include_trace": bool, "include_sources": bool}`` (sources: the retrieved passages with their
+text, also sent in a chunk of their own as soon as they are known when streaming). Message
 ``content`` may be a string or a list of text parts.
 """
 
@@ -23,12 +28,21 @@ import logging
 import time
 import uuid
 from collections.abc import AsyncIterator
-from typing import Any
+from pathlib import Path
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from rag.errors import ConfigError, GenerationError, PromptError, RagError, missing_extra
-from rag.types import Answer, AnswerEvent, ChatMessage, DoneEvent, GenerationParams, TextEvent
+from rag.types import (
+    Answer,
+    AnswerEvent,
+    ChatMessage,
+    DoneEvent,
+    GenerationParams,
+    SourcesEvent,
+    TextEvent,
+)
 
 log = logging.getLogger(__name__)
 
@@ -64,6 +78,7 @@ class RagOptions(BaseModel):
     model_config = ConfigDict(extra="forbid")
     top_k: int | None = Field(None, ge=1, description="passages to retrieve")
     include_trace: bool = False
+    include_sources: bool = False
 
 
 class ContentPart(BaseModel):
@@ -102,6 +117,7 @@ class RetrieveRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
     query: str = Field(min_length=1, max_length=4096)
     top_k: int = Field(5, ge=1)
+    mode: Literal["dense", "bm25", "hybrid"] | None = Field(None, description="default: the pipeline's")
 
 
 class HTTPError(Exception):
@@ -316,13 +332,16 @@ def _messages(req: ChatRequest, limits: ServiceLimits) -> list[ChatMessage]:
     return out
 
 
-def _rag_extension(answer: Answer, include_trace: bool) -> dict[str, Any]:
+def _rag_extension(answer: Answer, opts: RagOptions) -> dict[str, Any]:
     ext: dict[str, Any] = {"citations": [c.model_dump() for c in answer.citations]}
     if answer.scores:
         ext["scores"] = [s.model_dump() for s in answer.scores]
+        ext["chosen"] = answer.trace.best_candidate
     if answer.retrieval is not None:
         ext["retrieval"] = answer.retrieval.model_dump()
-    if include_trace:
+    if opts.include_sources:
+        ext["sources"] = [h.to_json() for h in answer.hits]
+    if opts.include_trace:
         ext["timings"] = answer.timings.model_dump()
         ext["trace"] = answer.trace.model_dump(exclude_defaults=True)
     return ext
@@ -342,10 +361,42 @@ def _status(e: RagError) -> tuple[int, str]:
     return 500, "server_error"
 
 
+STATIC = Path(__file__).parent / "static"
+#: The playground loads nothing from elsewhere and runs no inline script; report images are blobs.
+SECURITY_HEADERS = {
+    "Content-Security-Policy": "default-src 'self'; img-src 'self' blob:; object-src 'none'; "
+                               "base-uri 'none'; form-action 'none'; frame-ancestors 'none'",
+    "X-Content-Type-Options": "nosniff",
+    "Referrer-Policy": "no-referrer",
+}
+RUN_FILE_SUFFIXES = (".md", ".png")
+
+
+def find_runs(root: Path) -> dict[str, Path]:
+    """Eval run folders under ``root``: those holding a ``report.md``, up to two levels down,
+    by their path relative to ``root`` (``.`` for ``root`` itself)."""
+    runs = {}
+    for pattern in ("report.md", "*/report.md", "*/*/report.md"):
+        for report in sorted(root.glob(pattern)):
+            if report.is_file() and not report.is_symlink():
+                runs[report.parent.relative_to(root).as_posix()] = report.parent
+    return runs
+
+
+def run_files(folder: Path) -> list[str]:
+    """The files of a run folder that the service hands out: the report and its plots."""
+    return sorted(f.name for f in folder.iterdir()
+                  if f.suffix in RUN_FILE_SUFFIXES and f.is_file() and not f.is_symlink())
+
+
 def create_app(pipeline: Any, *, model_name: str | None = None, api_key: str | None = None,
-               limits: ServiceLimits | None = None) -> FastAPI:
+               limits: ServiceLimits | None = None, runs_dir: Path | None = None) -> FastAPI:
     """Build the ASGI app around a loaded `rag.pipeline.Pipeline`. ``app.state.inflight``
-    aborts every in-flight request (`Inflight.abort_all`); `serve` calls it on SIGTERM/SIGINT."""
+    aborts every in-flight request (`Inflight.abort_all`); `serve` calls it on SIGTERM/SIGINT.
+    ``runs_dir``: the folder whose eval reports the playground may open (none when unset)."""
+    from fastapi.responses import FileResponse
+    from fastapi.staticfiles import StaticFiles
+
     limits = limits or ServiceLimits()
     model_name = model_name or pipeline.config.name
     metrics = Metrics()
@@ -359,13 +410,15 @@ def create_app(pipeline: Any, *, model_name: str | None = None, api_key: str | N
 
     app = FastAPI(title="rag", version="0.1.0", lifespan=lifespan)
     app.state.inflight = inflight
+    app.mount("/static", StaticFiles(directory=STATIC), name="static")
+    public = ("/health", "/metrics", "/", "/favicon.ico")  # the page holds nothing secret
 
     @app.middleware("http")
     async def guard(request: Request, call_next: Any) -> Response:
         t0 = time.perf_counter()
         route = request.url.path
         try:
-            if route not in ("/health", "/metrics"):
+            if route not in public and not route.startswith("/static/"):
                 _check_auth(request, api_key)
             if request.method == "POST":
                 length = request.headers.get("content-length")
@@ -380,6 +433,9 @@ def create_app(pipeline: Any, *, model_name: str | None = None, api_key: str | N
         except HTTPError as e:
             response = JSONResponse(error_body(e.message, e.type, e.param, e.code),
                                     status_code=e.status, headers=e.headers)
+        response.headers.update(SECURITY_HEADERS)
+        if route.startswith("/static/"):
+            route = "/static"  # one metrics label, whatever the file
         metrics.requests.labels(route, str(response.status_code)).inc()
         metrics.latency.labels(route).observe(time.perf_counter() - t0)
         return response
@@ -421,6 +477,54 @@ def create_app(pipeline: Any, *, model_name: str | None = None, api_key: str | N
     def prom() -> Response:
         return PlainTextResponse(metrics.render().decode(), media_type="text/plain; version=0.0.4")
 
+    @app.get("/", include_in_schema=False)
+    def page() -> FileResponse:
+        return FileResponse(STATIC / "index.html", headers={"Cache-Control": "no-cache"})
+
+    @app.get("/favicon.ico", include_in_schema=False)
+    def favicon() -> Response:
+        return Response(status_code=204)
+
+    @app.get("/v1/info")
+    def info() -> dict[str, Any]:
+        retriever = pipeline.retriever
+        own = pipeline.config.retrieval.mode if retriever is not None else None
+        has_folder = retriever is not None and (getattr(retriever, "folder", None) is not None
+                                                or getattr(retriever, "dense", None) is not None)
+        return {"model": model_name, "kind": pipeline.config.kind, "retrieval_mode": own,
+                "search_modes": ["dense", "bm25", "hybrid"] if has_folder else ([own] if own else []),
+                "top_k": pipeline.config.retrieval.top_k,
+                "max_tokens": pipeline.config.generation.max_new_tokens if pipeline.generator else None,
+                "runs": runs_dir is not None}
+
+    def runs() -> dict[str, Path]:
+        if runs_dir is None:
+            raise HTTPError(404, "this server shows no eval runs; start rag serve with --runs DIR",
+                            code="no_runs")
+        return find_runs(runs_dir)
+
+    @app.get("/v1/runs")
+    def list_runs() -> dict[str, Any]:
+        data = []
+        for name, folder in runs().items():
+            report = folder / "report.md"
+            title = report.read_text(encoding="utf-8", errors="replace").partition("\n")[0].lstrip("# ")
+            data.append({"name": name, "title": title, "modified": int(report.stat().st_mtime),
+                         "files": run_files(folder)})
+        return {"object": "list", "data": data}
+
+    @app.get("/v1/runs/file")
+    def run_file(run: str, name: str) -> FileResponse:
+        """One file of a listed run; both names must be in the listing (no client paths)."""
+        folder = runs().get(run)
+        if folder is None:
+            raise HTTPError(404, f"no run named {run!r}; GET /v1/runs lists them", param="run")
+        if name not in run_files(folder):
+            raise HTTPError(404, f"run {run!r} has no file {name!r}; GET /v1/runs lists its files",
+                            param="name")
+        media = "text/markdown; charset=utf-8" if name.endswith(".md") else "image/png"
+        return FileResponse(folder / name, media_type=media)
+
     @app.get("/v1/models")
     def models() -> dict[str, Any]:
         return {"object": "list", "data": [{"id": model_name, "object": "model", "created": created,
@@ -433,7 +537,7 @@ def create_app(pipeline: Any, *, model_name: str | None = None, api_key: str | N
         if req.top_k > limits.max_top_k:
             raise HTTPError(400, f"top_k={req.top_k} exceeds the limit of {limits.max_top_k}", param="top_k")
         t0 = time.perf_counter()
-        hits = await asyncio.to_thread(pipeline.search, req.query, req.top_k)
+        hits = await asyncio.to_thread(pipeline.search, req.query, req.top_k, mode=req.mode)
         metrics.retrieval.observe(time.perf_counter() - t0)
         return {"object": "list", "data": [h.to_json() for h in hits]}
 
@@ -484,7 +588,7 @@ def create_app(pipeline: Any, *, model_name: str | None = None, api_key: str | N
             "id": cid, "object": "chat.completion", "created": now, "model": model_name,
             "choices": [{"index": 0, "message": {"role": "assistant", "content": answer.text},
                          "finish_reason": answer.finish_reason, "logprobs": None}],
-            "usage": _usage(answer), "rag": _rag_extension(answer, opts.include_trace)})
+            "usage": _usage(answer), "rag": _rag_extension(answer, opts)})
 
     async def _sse(work: _Work, request: Request, cid: str, now: int, opts: RagOptions) -> AsyncIterator[str]:
         def chunk(delta: dict[str, Any], finish: str | None = None, **extra: Any) -> str:
@@ -501,11 +605,16 @@ def create_app(pipeline: Any, *, model_name: str | None = None, api_key: str | N
             async for event in _events(work, request, limits.timeout_s):
                 if isinstance(event, TextEvent):
                     yield chunk({"content": event.text})
+                elif isinstance(event, SourcesEvent) and opts.include_sources:
+                    sources: dict[str, Any] = {"sources": [h.to_json() for h in event.hits]}
+                    if event.retrieval is not None:
+                        sources["retrieval"] = event.retrieval.model_dump()
+                    yield chunk({}, rag=sources)
                 elif isinstance(event, DoneEvent):
                     answer = event.answer
                     metrics.observe(answer)
                     yield chunk({}, answer.finish_reason, usage=_usage(answer),
-                                rag=_rag_extension(answer, opts.include_trace))
+                                rag=_rag_extension(answer, opts))
         except _Timeout:
             yield error(f"the request took longer than {limits.timeout_s:g}s", "server_error", "timeout")
         except _Disconnected:
@@ -522,7 +631,7 @@ def create_app(pipeline: Any, *, model_name: str | None = None, api_key: str | N
 
 
 def serve(pipeline: Any, *, host: str = "127.0.0.1", port: int = 8000, api_key: str | None = None,
-          limits: ServiceLimits | None = None) -> None:
+          limits: ServiceLimits | None = None, runs_dir: Path | None = None) -> None:
     """Run the service with uvicorn (blocking). SIGTERM or Ctrl-C aborts in-flight requests at
     once, and the pipeline's engine (threads and processes) is shut down before this returns."""
     try:
@@ -530,7 +639,7 @@ def serve(pipeline: Any, *, host: str = "127.0.0.1", port: int = 8000, api_key: 
     except ImportError:
         raise missing_extra("uvicorn", "serve") from None
     pipeline.load()  # the engine starts before the port opens, not on the first request
-    app = create_app(pipeline, api_key=api_key, limits=limits)
+    app = create_app(pipeline, api_key=api_key, limits=limits, runs_dir=runs_dir)
 
     class Server(uvicorn.Server):
         def handle_exit(self, sig: int, frame: Any) -> None:

@@ -19,7 +19,7 @@ from rag.config import PipelineConfig
 from rag.errors import ConfigError
 from rag.generation import Generator, run_sync
 from rag.prompts import check_messages
-from rag.retriever import Retriever
+from rag.retriever import Retriever, sibling_retriever
 from rag.types import (
     Answer,
     AnswerEvent,
@@ -45,7 +45,7 @@ class Pipeline(Protocol):
 
     def validate(self, messages: Conversation) -> None: ...
 
-    def search(self, query: str, top_k: int) -> list[Hit]: ...
+    def search(self, query: str, top_k: int, *, mode: str | None = None) -> list[Hit]: ...
 
     def load(self) -> Pipeline: ...
 
@@ -71,9 +71,11 @@ class BasePipeline:
     """Shared plumbing: locked retrieval, the sync/async pairs, conveniences.
 
     The retriever (its SQLite store, encoder and indexes) is used by one thread at a time:
-    every search holds ``_search_lock``. Async callers hand their queries to one search thread,
-    which takes every query that arrived meanwhile in one batch: under load (64 concurrent
-    requests, say) the encoder runs a few large batches instead of one small call per request.
+    every search holds ``_search_lock``, and so do the other modes' retrievers over the same
+    folder (``search(mode=...)``: the service's search tab), built on first use. Async callers
+    hand their queries to one search thread, which takes every query that arrived meanwhile in
+    one batch: under load (64 concurrent requests, say) the encoder runs a few large batches
+    instead of one small call per request.
     """
 
     config: PipelineConfig
@@ -84,6 +86,7 @@ class BasePipeline:
                  retriever: Retriever | None):
         self.config, self.generator, self.retriever = config, generator, retriever
         self._search_lock = threading.Lock()
+        self._siblings: dict[str, Retriever] = {}  # guarded by _search_lock
         self._pending: list[tuple[list[str], int, Future[list[list[Hit]]]]] = []  # guarded by _pending_lock
         self._pending_lock = threading.Lock()
         self._draining = False
@@ -92,14 +95,22 @@ class BasePipeline:
         """Raise `PromptError` for a conversation this pipeline cannot answer (before any work)."""
         check_messages(messages)
 
-    def search_batch(self, queries: Sequence[str], top_k: int) -> list[list[Hit]]:
+    def search_batch(self, queries: Sequence[str], top_k: int, *, mode: str | None = None) -> list[list[Hit]]:
+        """Search with the pipeline's retriever, or with ``mode`` (dense, bm25, hybrid) over its folder."""
         if self.retriever is None:
             raise ConfigError(f"pipeline {self.config.name!r} has no index; give it one (--index)")
         with self._search_lock:
-            return self.retriever.search_batch(list(queries), top_k)
+            retriever = self.retriever
+            if mode is not None and mode != self.config.retrieval.mode:
+                if mode not in self._siblings:
+                    self._siblings[mode] = sibling_retriever(
+                        retriever, mode, device=self.config.retrieval.device,  # type: ignore[arg-type]
+                        fusion=self.config.retrieval.fusion.model_dump())
+                retriever = self._siblings[mode]
+            return retriever.search_batch(list(queries), top_k)
 
-    def search(self, query: str, top_k: int) -> list[Hit]:
-        return self.search_batch([query], top_k)[0]
+    def search(self, query: str, top_k: int, *, mode: str | None = None) -> list[Hit]:
+        return self.search_batch([query], top_k, mode=mode)[0]
 
     async def asearch(self, queries: Sequence[str], top_k: int) -> list[list[Hit]]:
         """`search_batch` from async code, batched with every other caller's queries that

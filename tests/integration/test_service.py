@@ -3,13 +3,9 @@ the client cannot send)."""
 
 from __future__ import annotations
 
-import json
-import socket
-import threading
 import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -17,12 +13,12 @@ import httpx
 import openai
 import pytest
 
-from rag.config import ChatPipelineConfig, IndexRecipe, SelfRagPipelineConfig
+from rag.config import ChatPipelineConfig, SelfRagPipelineConfig
 from rag.generation.scripted import ScriptedGenerator, text_generation
-from rag.index import build_index
 from rag.pipeline import ChatRagPipeline, SelfRagPipeline
 from rag.retriever import DenseRetriever
 from rag.service import ServiceLimits, create_app
+from tests.integration.servers import passage_index, running
 
 pytestmark = pytest.mark.integration
 
@@ -32,34 +28,9 @@ PASSAGES = [("z", "Zorblax Prize", "The Zorblax Prize is awarded every year in t
             ("h", "Hamlet", "Hamlet is a tragedy written by William Shakespeare.")]
 
 
-@contextmanager
-def running(app: Any) -> Iterator[str]:
-    import uvicorn
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.time() + 30
-    while not server.started:
-        assert time.time() < deadline, "server did not start"
-        time.sleep(0.05)
-    try:
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        server.should_exit = True
-        thread.join(10)
-
-
 @pytest.fixture(scope="module")
 def index(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    folder = tmp_path_factory.mktemp("svc")
-    corpus = folder / "c.jsonl"
-    corpus.write_text("".join(json.dumps({"id": i, "title": t, "text": x}) + "\n" for i, t, x in PASSAGES))
-    build_index(IndexRecipe(name="svc", corpus=str(corpus), out=str(folder / "idx")), progress=False)
-    return folder / "idx"
+    return passage_index(tmp_path_factory.mktemp("svc"), PASSAGES)
 
 
 def client(base: str, key: str = "none") -> openai.OpenAI:
@@ -148,6 +119,45 @@ def test_exact_output_and_rag_extension(scripted_server: str, scripted: Scripted
     assert isinstance(rag["citations"][0]["score"], float)
     expected_tail = "[Retrieval] <paragraph>Nile\nThe Nile is a long river in Africa.</paragraph>"
     assert rag["trace"]["prompt"].endswith(expected_tail)
+
+
+def test_stream_sends_sources_before_the_text(scripted_server: str) -> None:
+    chunks = list(client(scripted_server).chat.completions.create(
+        model="scripted", stream=True, messages=[{"role": "user", "content": "Tell me about the Nile river"}],
+        extra_body={"rag": {"top_k": 1, "include_sources": True}}))
+    first_text = next(i for i, c in enumerate(chunks) if c.choices[0].delta.content)
+    early = [c.model_extra["rag"] for c in chunks[:first_text] if (c.model_extra or {}).get("rag")]
+    assert [[s["id"] for s in r["sources"]] for r in early] == [["n"]]
+    assert early[0]["sources"][0]["text"] == "The Nile is a long river in Africa."
+    assert chunks[-1].model_extra["rag"]["sources"] == early[0]["sources"]
+
+
+def test_retrieve_in_every_mode_concurrently_equals_the_retrievers(scripted_server: str, index: Path) -> None:
+    """The search tab's route: each mode answers like its own retriever over the folder, while
+    the three modes' retrievers are built and used by concurrent requests."""
+    from rag.retriever import load_retriever
+
+    queries = [x for _, _, x in PASSAGES] + ["violinist prize", "river", "tragedy play"]
+    modes = ("dense", "bm25", "hybrid")
+
+    def call(job: tuple[str, str]) -> list[tuple[str, float]]:
+        r = httpx.post(scripted_server + "/v1/retrieve", json={"query": job[1], "top_k": 3, "mode": job[0]},
+                       timeout=60)
+        assert r.status_code == 200, r.text
+        return [(h["id"], h["score"]) for h in r.json()["data"]]
+
+    jobs = [(m, q) for q in queries for m in modes] * 2
+    with ThreadPoolExecutor(8) as pool:
+        got = list(pool.map(call, jobs))
+    for mode in modes:
+        retriever = load_retriever(index, mode)
+        for (m, q), hits in zip(jobs, got):
+            if m == mode:
+                want = [(h.passage.id, h.score) for h in retriever.search(q, 3)]
+                assert [i for i, _ in hits] == [i for i, _ in want], (mode, q)
+                assert [s for _, s in hits] == pytest.approx([s for _, s in want], rel=1e-5), (mode, q)
+    bad = httpx.post(scripted_server + "/v1/retrieve", json={"query": "x", "mode": "sparse"})
+    assert bad.status_code == 400 and "mode" in bad.json()["error"]["message"]
 
 
 def test_queue_full_answers_429_with_retry_after(scripted_server: str, scripted: ScriptedGenerator) -> None:
