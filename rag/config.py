@@ -122,12 +122,25 @@ class RetrievalConfig(_Config):
 
 
 class GeneratorConfig(_Config):
-    backend: Literal["hf", "vllm", "scripted"] = "hf"
-    model: str = "smollm2-135m-instruct"
+    backend: Literal["hf", "vllm", "openai", "scripted"] = "hf"
+    model: str = Field("smollm2-135m-instruct", description="openai: the name the server serves")
     dtype: str = "auto"
     batch_size: int = Field(16, ge=1, description="hf: prompts per forward pass")
     max_model_len: int | None = Field(4096, ge=64, description="vllm: context cap")
     gpu_memory_utilization: float = Field(0.85, gt=0, le=1)
+    base_url: str | None = Field(None, description="openai: the server's API root, http://host:port/v1")
+    api_key_env: str | None = Field(None, description="openai: environment variable holding the key")
+    tokenizer: str | None = Field(None, description="openai: local tokenizer folder (default: model)")
+    timeout_s: float = Field(120.0, gt=0, description="openai: per-request timeout")
+    max_retries: int = Field(2, ge=0, description="openai: retries on connection errors, 429 and 5xx")
+
+    @model_validator(mode="after")
+    def _remote(self) -> GeneratorConfig:
+        if self.backend == "openai" and not self.base_url:
+            raise ValueError("backend openai needs base_url (e.g. http://127.0.0.1:8000/v1)")
+        if self.backend != "openai" and (self.base_url or self.api_key_env):
+            raise ValueError(f"base_url and api_key_env are for backend openai, not {self.backend}")
+        return self
 
 
 class PromptConfig(_Config):

@@ -29,22 +29,24 @@ import time
 import uuid
 from collections.abc import AsyncIterator
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from rag.errors import ConfigError, GenerationError, PromptError, RagError, missing_extra
+from rag.prompts.sanitize import neutralize
 from rag.types import (
     Answer,
-    AnswerEvent,
     ChatMessage,
     DoneEvent,
+    Generation,
     GenerationParams,
     SourcesEvent,
     TextEvent,
 )
 
 log = logging.getLogger(__name__)
+M = TypeVar("M", bound=BaseModel)
 
 try:
     from fastapi import FastAPI, Request
@@ -95,14 +97,12 @@ class MessageIn(BaseModel):
     content: str | list[ContentPart] | None = None
 
 
-class ChatRequest(BaseModel):
-    """The OpenAI chat completion request fields we honour (others are ignored)."""
+class _SamplingRequest(BaseModel):
+    """The sampling fields both completion routes honour (other fields are ignored)."""
 
     model_config = ConfigDict(extra="ignore")
     model: str
-    messages: list[MessageIn]
     max_tokens: int | None = Field(None, ge=1)
-    max_completion_tokens: int | None = Field(None, ge=1)
     temperature: float | None = Field(None, ge=0, le=2)
     top_p: float | None = Field(None, gt=0, le=1)
     n: int = 1
@@ -110,7 +110,29 @@ class ChatRequest(BaseModel):
     stop: str | list[str] | None = None
     seed: int | None = None
     min_tokens: int | None = Field(None, ge=0, description="vLLM's extension: generate at least N tokens")
+
+
+class ChatRequest(_SamplingRequest):
+    """The OpenAI chat completion request."""
+
+    messages: list[MessageIn]
+    max_completion_tokens: int | None = Field(None, ge=1)
     rag: RagOptions | None = None
+
+
+class CompletionRequest(_SamplingRequest):
+    """``/v1/completions`` on the served model: one prompt, text or token ids, with vLLM's
+    extensions for exact logprobs (what the remote backend sends)."""
+
+    prompt: str | list[int] = Field(description="one prompt: text (tokenized by the server) or token ids")
+    max_tokens: int | None = Field(16, ge=1)
+    echo: bool = False
+    logprobs: int | None = Field(None, ge=0, le=20)
+    stop_token_ids: list[int] | None = None
+    logprob_token_ids: list[int] | None = Field(None, max_length=64)
+    return_tokens_as_token_ids: bool = False
+    return_token_ids: bool = False
+    stream_options: dict[str, Any] | None = None
 
 
 class RetrieveRequest(BaseModel):
@@ -180,19 +202,24 @@ class ShuttingDown(Exception):
     """Raised into in-flight requests when the server stops."""
 
 
-class _Work:
-    """One request's pipeline stream, run as its own task; events reach the response through a
-    queue, so the response can stop waiting (timeout, disconnect, shutdown) and cancel the work.
-    Cancelling the task cancels the pipeline stream, which aborts its generation."""
+_END = object()  # a work's events are over
 
-    def __init__(self, events: AsyncIterator[AnswerEvent]):
-        self.queue: asyncio.Queue[AnswerEvent | BaseException] = asyncio.Queue()
+
+class _Work:
+    """One request's event stream (a pipeline's answer events, or a generator's output), run as
+    its own task; events reach the response through a queue, so the response can stop waiting
+    (timeout, disconnect, shutdown) and cancel the work. Cancelling the task cancels the stream,
+    which aborts its generation."""
+
+    def __init__(self, events: AsyncIterator[Any]):
+        self.queue: asyncio.Queue[Any] = asyncio.Queue()
         self.task = asyncio.create_task(self._pump(events))
 
-    async def _pump(self, events: AsyncIterator[AnswerEvent]) -> None:
+    async def _pump(self, events: AsyncIterator[Any]) -> None:
         try:
             async for event in events:
                 self.queue.put_nowait(event)
+            self.queue.put_nowait(_END)
         except Exception as e:  # delivered to the response; CancelledError ends the task
             self.queue.put_nowait(e)
 
@@ -210,7 +237,7 @@ class Inflight:
         self.running: set[_Work] = set()
         self.closing = False
 
-    def admit(self, events: AsyncIterator[AnswerEvent]) -> _Work:
+    def admit(self, events: AsyncIterator[Any]) -> _Work:
         if self.closing:
             raise HTTPError(503, "the server is shutting down", type="server_error", code="shutting_down")
         if len(self.running) >= self.limit:
@@ -240,8 +267,8 @@ class _Disconnected(Exception):
     pass
 
 
-async def _events(work: _Work, request: Request, timeout_s: float) -> AsyncIterator[AnswerEvent]:
-    """The work's events until its answer; raises `_Timeout` past the deadline, `_Disconnected`
+async def _events(work: _Work, request: Request, timeout_s: float) -> AsyncIterator[Any]:
+    """The work's events until its last; raises `_Timeout` past the deadline, `_Disconnected`
     when the client went away (checked whenever no event came for half a second)."""
     loop = asyncio.get_running_loop()
     deadline = loop.time() + timeout_s
@@ -255,11 +282,11 @@ async def _events(work: _Work, request: Request, timeout_s: float) -> AsyncItera
             if await request.is_disconnected():
                 raise _Disconnected from None
             continue
+        if item is _END:
+            return
         if isinstance(item, BaseException):
             raise item
         yield item
-        if isinstance(item, DoneEvent):
-            return
 
 
 # --- the app ----------------------------------------------------------------------------------
@@ -275,10 +302,10 @@ def _check_auth(request: Request, api_key: str | None) -> None:
                         code="invalid_api_key")
 
 
-def _params(req: ChatRequest, base: GenerationParams, limits: ServiceLimits) -> GenerationParams:
+def _params(req: _SamplingRequest, base: GenerationParams, limits: ServiceLimits) -> GenerationParams:
     if req.n != 1:
         raise HTTPError(400, f"n={req.n} is not supported; only n=1", param="n")
-    max_tokens = req.max_completion_tokens or req.max_tokens
+    max_tokens = getattr(req, "max_completion_tokens", None) or req.max_tokens
     if max_tokens is not None and max_tokens > limits.max_tokens:
         raise HTTPError(400, f"max_tokens={max_tokens} exceeds this server's limit of "
                              f"{limits.max_tokens}", param="max_tokens")
@@ -330,6 +357,29 @@ def _messages(req: ChatRequest, limits: ServiceLimits) -> list[ChatMessage]:
                                  f"is {limits.max_message_chars}", param=f"messages[{i}].content")
         out.append(ChatMessage(role=m.role, content=content))
     return out
+
+
+def _completion_logprobs(g: Generation, generator: Any, req: CompletionRequest) -> dict[str, Any] | None:
+    """The OpenAI completions ``logprobs`` object (vLLM's shape: the requested ids, or the top
+    k, plus the sampled token at each position; keys ``token_id:N`` when asked)."""
+    if req.logprobs is None and not req.logprob_token_ids:
+        return None
+
+    def key(tid: int) -> str:
+        return f"token_id:{tid}" if req.return_tokens_as_token_ids else generator.decode([tid])
+
+    steps = g.logprobs if req.logprob_token_ids else g.top_logprobs
+    top = []
+    for i, (tid, lp) in enumerate(zip(g.token_ids, g.token_logprobs, strict=False)):
+        step = {tid: lp, **(steps[i] if i < len(steps) else {})}
+        top.append({key(t): max(v, -9999.0) for t, v in step.items()})
+    tokens = [key(t) for t in g.token_ids]
+    offsets, at = [], 0
+    for t in tokens:
+        offsets.append(at)
+        at += len(t)
+    return {"tokens": tokens, "token_logprobs": [max(x, -9999.0) for x in g.token_logprobs],
+            "top_logprobs": top, "text_offset": offsets}
 
 
 def _rag_extension(answer: Answer, opts: RagOptions) -> dict[str, Any]:
@@ -541,21 +591,107 @@ def create_app(pipeline: Any, *, model_name: str | None = None, api_key: str | N
         metrics.retrieval.observe(time.perf_counter() - t0)
         return {"object": "list", "data": [h.to_json() for h in hits]}
 
-    async def parse(request: Request) -> ChatRequest:
+    async def parse(request: Request, model: type[M]) -> M:
         try:
             raw = json.loads(await request.body())
         except json.JSONDecodeError as e:
             raise HTTPError(400, f"malformed JSON body: {e.msg} at line {e.lineno} column {e.colno}") from None
         try:
-            return ChatRequest.model_validate(raw)
+            return model.model_validate(raw)
         except ValidationError as e:
             er = e.errors()[0]
             loc = ".".join(str(x) for x in er["loc"])
             raise HTTPError(400, f"{loc}: {er['msg']}", param=loc) from None
 
+    async def last_event(work: _Work, request: Request) -> Any:
+        """A JSON request's final event (its work done); None when the client went away."""
+        last = None
+        try:
+            async for last in _events(work, request, limits.timeout_s):  # noqa: B007
+                pass
+        except _Timeout:
+            raise HTTPError(504, f"the request took longer than {limits.timeout_s:g}s",
+                            type="server_error", code="timeout") from None
+        except _Disconnected:
+            return None
+        except ShuttingDown as e:
+            raise HTTPError(503, str(e), type="server_error", code="shutting_down") from None
+        finally:
+            inflight.done(work)
+        return last
+
+    @app.post("/v1/completions", response_model=None)
+    async def completions(request: Request) -> Response:
+        """The served model itself, no retrieval: another rag front end's `openai` backend."""
+        req = await parse(request, CompletionRequest)
+        generator = pipeline.generator
+        if generator is None:
+            raise HTTPError(400, "this pipeline has no generator (kind: retrieval)")
+        if req.echo:
+            raise HTTPError(400, "echo is not supported", param="echo")
+        if req.stream and (req.logprobs is not None or req.logprob_token_ids):
+            raise HTTPError(400, "logprobs are returned only without stream", param="logprobs")
+        if isinstance(req.prompt, str):
+            prompt: str | list[int] = neutralize(req.prompt, generator.control_strings())
+            if len(prompt) > limits.max_message_chars:
+                raise HTTPError(400, f"prompt has {len(prompt)} characters; the limit is "
+                                     f"{limits.max_message_chars}", param="prompt")
+        else:
+            prompt = req.prompt
+        params = _params(req, GenerationParams(max_new_tokens=16), limits).model_copy(update={
+            "stop_token_ids": req.stop_token_ids or [], "logprob_token_ids": req.logprob_token_ids or [],
+            "top_logprobs": 0 if req.logprob_token_ids else min(req.logprobs or 0, 20)})
+        cid, now = f"cmpl-{uuid.uuid4().hex}", int(time.time())
+
+        def body(choices: list[dict[str, Any]], **extra: Any) -> dict[str, Any]:
+            return {"id": cid, "object": "text_completion", "created": now, "model": model_name,
+                    "choices": choices, **extra}
+
+        if req.stream:
+            work = inflight.admit(generator.stream(prompt, params))
+            include_usage = bool((req.stream_options or {}).get("include_usage"))
+
+            async def sse() -> AsyncIterator[str]:
+                n = 0
+                try:
+                    async for chunk in _events(work, request, limits.timeout_s):
+                        n = chunk.completion_tokens
+                        yield json.dumps(body([{"index": 0, "text": chunk.text, "logprobs": None,
+                                                "finish_reason": chunk.finish_reason}]), ensure_ascii=False)
+                        if chunk.finish_reason is not None and include_usage:
+                            yield json.dumps(body([], usage={"prompt_tokens": chunk.prompt_tokens,
+                                                              "completion_tokens": n,
+                                                              "total_tokens": chunk.prompt_tokens + n}))
+                except _Timeout:
+                    yield json.dumps(error_body(f"the request took longer than {limits.timeout_s:g}s",
+                                                "server_error", code="timeout"))
+                except (ShuttingDown, RagError) as e:
+                    yield json.dumps(error_body(str(e), "server_error", code=type(e).__name__))
+                except _Disconnected:
+                    return
+                finally:
+                    inflight.done(work)
+                yield "[DONE]"
+
+            return EventSourceResponse(sse(), sep="\n", ping=15, shutdown_grace_period=2.0)
+
+        async def one() -> AsyncIterator[Generation]:
+            yield (await generator.agenerate([prompt], params))[0]
+
+        g = await last_event(inflight.admit(one()), request)
+        if g is None:
+            return Response(status_code=499)
+        choice: dict[str, Any] = {"index": 0, "text": g.text, "finish_reason": g.finish_reason,
+                                  "logprobs": _completion_logprobs(g, generator, req)}
+        if req.return_token_ids:
+            choice["token_ids"] = g.token_ids
+        n = len(g.token_ids)
+        return JSONResponse(body([choice], usage={"prompt_tokens": g.prompt_tokens, "completion_tokens": n,
+                                                  "total_tokens": g.prompt_tokens + n}))
+
     @app.post("/v1/chat/completions", response_model=None)
     async def chat_completions(request: Request) -> Response:
-        req = await parse(request)
+        req = await parse(request, ChatRequest)
         messages = _messages(req, limits)
         params = _params(req, pipeline.config.generation, limits) if pipeline.generator else None
         opts = req.rag or RagOptions()
@@ -568,21 +704,10 @@ def create_app(pipeline: Any, *, model_name: str | None = None, api_key: str | N
         if req.stream:
             return EventSourceResponse(_sse(work, request, cid, now, opts), sep="\n", ping=15,
                                        shutdown_grace_period=2.0)
-        try:
-            answer = None
-            async for event in _events(work, request, limits.timeout_s):
-                if isinstance(event, DoneEvent):
-                    answer = event.answer
-        except _Timeout:
-            raise HTTPError(504, f"the request took longer than {limits.timeout_s:g}s",
-                            type="server_error", code="timeout") from None
-        except _Disconnected:
+        done = await last_event(work, request)
+        if done is None:
             return Response(status_code=499)  # nobody reads it; the generation was aborted
-        except ShuttingDown as e:
-            raise HTTPError(503, str(e), type="server_error", code="shutting_down") from None
-        finally:
-            inflight.done(work)
-        assert answer is not None
+        answer = done.answer
         metrics.observe(answer)
         return JSONResponse({
             "id": cid, "object": "chat.completion", "created": now, "model": model_name,

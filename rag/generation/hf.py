@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from rag.errors import ConfigError, GenerationError, missing_extra
-from rag.generation import TokenizerOps, drain, stream_visible
+from rag.generation import Prompt, TokenizerOps, drain, stream_visible
 from rag.models import resolve_model
 from rag.types import Generation, GenerationChunk, GenerationParams
 
@@ -159,19 +159,19 @@ class TransformersGenerator(TokenizerOps):
 
     # --- requests (any thread / event loop) -------------------------------------------------
 
-    def _submit(self, prompt: str, params: GenerationParams, *, stream: bool) -> _Row:
+    def _submit(self, prompt: Prompt, params: GenerationParams, *, stream: bool) -> _Row:
         self.load()
         vocab = self._model.get_output_embeddings().weight.shape[0]
         bad = [i for i in params.logprob_token_ids if not 0 <= i < vocab]
         if bad:
             raise GenerationError(f"logprob_token_ids {bad} are outside the vocabulary (0..{vocab - 1})")
         loop = asyncio.get_running_loop()
-        row = _Row(self.encode(prompt), params, loop, None if stream else loop.create_future(),
+        row = _Row(self.prompt_ids(prompt), params, loop, None if stream else loop.create_future(),
                    asyncio.Queue() if stream else None)
         self._queue.put(row)
         return row
 
-    async def agenerate(self, prompts: Sequence[str], params: GenerationParams) -> list[Generation]:
+    async def agenerate(self, prompts: Sequence[Prompt], params: GenerationParams) -> list[Generation]:
         """One completion per prompt; rows from concurrent callers share forward batches."""
         rows = [self._submit(p, params, stream=False) for p in prompts]
         try:
@@ -180,7 +180,7 @@ class TransformersGenerator(TokenizerOps):
             for r in rows:
                 r.cancelled.set()  # no-op for finished rows; stops the rest at the next token
 
-    async def stream(self, prompt: str, params: GenerationParams) -> AsyncIterator[GenerationChunk]:
+    async def stream(self, prompt: Prompt, params: GenerationParams) -> AsyncIterator[GenerationChunk]:
         """Text as it is generated; the last chunk carries the finish reason. Closing or
         cancelling the iteration stops the row at the next token."""
         row = self._submit(prompt, params, stream=True)

@@ -13,7 +13,7 @@ from collections.abc import AsyncIterator, Callable, Sequence
 from typing import Any
 
 from rag.errors import GenerationError
-from rag.generation import TokenizerOps
+from rag.generation import Prompt, TokenizerOps
 from rag.types import Generation, GenerationChunk, GenerationParams
 
 
@@ -97,14 +97,15 @@ class ScriptedGenerator(TokenizerOps):
             raise GenerationError(f"scripted generator has no output for prompt {prompt[-80:]!r}")
         return self.default(prompt) if callable(self.default) else self.default
 
-    async def agenerate(self, prompts: Sequence[str], params: GenerationParams) -> list[Generation]:
+    async def agenerate(self, prompts: Sequence[Prompt], params: GenerationParams) -> list[Generation]:
+        texts = [p if isinstance(p, str) else self.decode(p) for p in prompts]
         with self._calls_lock:
-            self.calls.append(list(prompts))
+            self.calls.append(texts)
         if self.delay_s:
             await asyncio.sleep(self.delay_s)
-        return [_with_requested(self._one(p), params.logprob_token_ids) for p in prompts]
+        return [_with_requested(self._one(p), params.logprob_token_ids) for p in texts]
 
-    async def stream(self, prompt: str, params: GenerationParams) -> AsyncIterator[GenerationChunk]:
+    async def stream(self, prompt: Prompt, params: GenerationParams) -> AsyncIterator[GenerationChunk]:
         (g,) = await self.agenerate([prompt], params)
         pieces = [g.text[i: i + 4] for i in range(0, len(g.text), 4)] or [""]
         for n, piece in enumerate(pieces, 1):

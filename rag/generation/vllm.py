@@ -28,7 +28,7 @@ from collections.abc import AsyncIterator, Sequence
 from typing import Any
 
 from rag.errors import ConfigError, GenerationError, missing_extra
-from rag.generation import TokenizerOps, drain
+from rag.generation import Prompt, TokenizerOps, drain
 from rag.models import resolve_model
 from rag.types import Generation, GenerationChunk, GenerationParams
 
@@ -231,14 +231,14 @@ class VLLMGenerator(TokenizerOps):
             raise GenerationError(f"vLLM rejected the request: {e}") from None
         return final
 
-    async def agenerate(self, prompts: Sequence[str], params: GenerationParams) -> list[Generation]:
+    async def agenerate(self, prompts: Sequence[Prompt], params: GenerationParams) -> list[Generation]:
         """All prompts at once; the engine batches them (and everyone else's) continuously.
         Cancelling the caller aborts the prompts still running."""
         if not prompts:
             return []
         loop = self._engine_loop()
         sp = sampling_params(params)
-        ids = [self.encode(p) for p in prompts]
+        ids = [self.prompt_ids(p) for p in prompts]
 
         async def run_all() -> list[Any]:
             return list(await asyncio.gather(*(self._one(i, sp) for i in ids)))
@@ -246,12 +246,12 @@ class VLLMGenerator(TokenizerOps):
         outs = await _on_loop(run_all(), loop)
         return [to_generation(o, params) for o in outs]
 
-    async def stream(self, prompt: str, params: GenerationParams) -> AsyncIterator[GenerationChunk]:
+    async def stream(self, prompt: Prompt, params: GenerationParams) -> AsyncIterator[GenerationChunk]:
         """Text deltas as the engine produces them; closing the iteration aborts the request."""
         loop = self._engine_loop()
         caller = asyncio.get_running_loop()
         sink: asyncio.Queue[Any] = asyncio.Queue()
-        ids = self.encode(prompt)
+        ids = self.prompt_ids(prompt)
         sp = sampling_params(params, stream=True)
 
         async def pump() -> None:  # on the engine loop

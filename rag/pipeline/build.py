@@ -34,6 +34,9 @@ def build_pipeline(config: PipelineConfig, *, index: str | Path | None = None,
             kw["batch_size"] = g.batch_size
         elif g.backend == "vllm":
             kw.update(max_model_len=g.max_model_len, gpu_memory_utilization=g.gpu_memory_utilization)
+        elif g.backend == "openai":
+            kw = {"base_url": g.base_url, "api_key_env": g.api_key_env, "tokenizer": g.tokenizer,
+                  "timeout_s": g.timeout_s, "max_retries": g.max_retries}
         else:
             raise ConfigError("the scripted backend needs a generator object (tests and demos)")
         generator = load_generator(g.backend, g.model, **kw)

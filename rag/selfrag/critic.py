@@ -40,6 +40,11 @@ class TokenCritic:
         self.tokens = ReflectionTokens.from_generator(generator)
         self.instruction = instruction
         self.extra_control = generator.control_strings()
+        if getattr(generator, "exact_token_logprobs", True) is False:  # a remote server (after load)
+            raise ConfigError(
+                f"critic: tokens needs exact logprobs of the reflection tokens, and the server at "
+                f"{getattr(generator, 'base_url', '?')} does not return logprobs of requested token ids "
+                "(vLLM's logprob_token_ids); serve the model with vllm serve, or use critic: prompted")
 
     def prompt(self, question: str) -> str:
         q = neutralize(question, self.extra_control)

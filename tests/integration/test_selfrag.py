@@ -47,8 +47,27 @@ def run_decoder(gen: Any, settings: SelfRagSettings) -> list[Any]:
 ], ids=["short-always", "short-adaptive", "long"])
 def test_tiny_selfrag_model_same_scores_on_both_backends(hf_tiny: Any, vllm_tiny: Any,
                                                          settings: SelfRagSettings) -> None:
-    a, b = run_decoder(hf_tiny, settings), run_decoder(vllm_tiny, settings)
-    for x, y in zip(a, b):
+    assert_same_answers(run_decoder(hf_tiny, settings), run_decoder(vllm_tiny, settings), settings)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("settings", [
+    SelfRagSettings(mode="adaptive", threshold=0.0),
+    SelfRagSettings(mode="always", decoding="long", max_depth=2, beam_width=2, segment_retrieval="static"),
+], ids=["short-adaptive", "long"])
+@pytest.mark.parametrize("local,remote", [("vllm_tiny", "remote_tiny_vllm"), ("hf_tiny", "remote_tiny_rag")],
+                         ids=["over-vllm-serve", "over-rag-serve"])
+def test_tiny_selfrag_model_over_a_server_same_scores_as_in_process(
+        local: str, remote: str, settings: SelfRagSettings, request: pytest.FixtureRequest) -> None:
+    """Backend openai: the whole decoder (adaptive retrieval, tree search) over a real server
+    scores as the same engine does in-process (exact logprobs through logprob_token_ids)."""
+    a = run_decoder(request.getfixturevalue(local), settings)
+    b = run_decoder(request.getfixturevalue(remote), settings)
+    assert_same_answers(a, b, settings)
+
+
+def assert_same_answers(a: list[Any], b: list[Any], settings: SelfRagSettings) -> None:
+    for x, y in zip(a, b, strict=True):
         assert x.text == y.text
         assert x.retrieval.decision == y.retrieval.decision
         if x.retrieval.probability is not None:
@@ -61,6 +80,9 @@ def test_tiny_selfrag_model_same_scores_on_both_backends(hf_tiny: Any, vllm_tiny
             assert 0.0 <= sx.s_rel <= 1.0 and -1.0 <= sx.s_use <= 1.0
     if settings.decoding == "long":
         assert a[0].trace.tree and all("[" in c for c in a[0].text.split() if c.startswith("["))
+        for m, n in zip(a[0].trace.tree, b[0].trace.tree, strict=True):
+            assert (m.passage_id, m.segment, m.done) == (n.passage_id, n.segment, n.done)
+            assert (m.score is None) == (n.score is None) and (m.score or 0) == pytest.approx(n.score or 0, abs=1e-3)
 
 
 def squad_pairs(n: int) -> list[tuple[str, Passage, Passage]]:

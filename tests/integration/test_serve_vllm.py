@@ -6,9 +6,7 @@ The tests run in file order; the last one stops the server."""
 from __future__ import annotations
 
 import json
-import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -24,6 +22,7 @@ import pytest
 
 from rag.config import IndexRecipe
 from rag.index import build_index
+from tests.integration.servers import server_process
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -34,7 +33,7 @@ LONG_BODY = {"model": "smollm-vllm", "stream": True, "max_tokens": 1500, "min_to
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, subprocess.Popen[str]]]:
+def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, subprocess.Popen[bytes]]]:
     folder = tmp_path_factory.mktemp("serve-vllm")
     corpus = folder / "c.jsonl"
     corpus.write_text(json.dumps({"id": "z", "title": "Zorblax Prize", "text":
@@ -46,32 +45,12 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, subp
                         "generator: {backend: vllm, dtype: float32, max_model_len: 2048}\n"
                         "prompt: {format: hf_template, context_position: user}\n"
                         "generation: {max_new_tokens: 32}\n")
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
     rag = str(Path(sys.executable).with_name("rag"))
-    proc = subprocess.Popen([rag, "serve", "-p", str(pipeline), "--index", str(folder / "idx"),
-                             "--port", str(port), "--max-inflight", str(MAX_INFLIGHT),
-                             "--timeout", str(TIMEOUT_S)],
-                            stdout=subprocess.DEVNULL, stderr=open(folder / "server.log", "w"),
-                            text=True, env={**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1"})
-    base = f"http://127.0.0.1:{port}"
-    deadline = time.time() + 300
-    while True:
-        assert proc.poll() is None, (folder / "server.log").read_text()[-3000:]
-        assert time.time() < deadline, "rag serve did not come up"
-        try:
-            if httpx.get(base + "/health", timeout=2).status_code == 200:
-                break
-        except httpx.TransportError:
-            pass
-        time.sleep(1)
-    yield base, proc
-    if proc.poll() is None:  # the SIGTERM test did not run or failed
-        for p in psutil.Process(proc.pid).children(recursive=True):
-            p.kill()
-        proc.kill()
-        proc.wait()
+    command = [rag, "serve", "-p", str(pipeline), "--index", str(folder / "idx"),
+               "--max-inflight", str(MAX_INFLIGHT), "--timeout", str(TIMEOUT_S), "--port"]
+    with server_process(lambda port: [*command, str(port)], folder / "server.log",
+                        env={"VLLM_CPU_KVCACHE_SPACE": "1"}) as (base, proc):
+        yield base, proc
 
 
 def client(base: str) -> openai.OpenAI:
