@@ -459,6 +459,48 @@ def tune_fusion(
     typer.echo(f"written: {target}")
 
 
+@tune_app.command("critic")
+def tune_critic(
+    run: Annotated[Path, typer.Argument(help="a Self-RAG pipeline's folder of a rag eval run (runs/NAME/PIPELINE)")],
+    pipeline: Annotated[Optional[Path], typer.Option(
+        "--pipeline", "-p", help="write the chosen weights into this pipeline file")] = None,
+    metric: Annotated[str, typer.Option(help="match | match_norm | em | f1")] = "match",
+    held_out: Annotated[float, typer.Option(min=0.05, max=0.95, help="fraction of questions held out")] = 0.5,
+    seed: Annotated[int, typer.Option(help="seed of the tuning / held-out split")] = 0,
+    baseline: Annotated[Optional[Path], typer.Option(
+        help="another pipeline's folder of the same run (e.g. naive RAG), scored on the same splits")] = None,
+) -> None:
+    """Calibrate how Self-RAG picks among its candidates (selfrag.w_rel, w_sup, w_use, use_seq,
+    w_ret) on a tuning split of an eval run, report the held-out split, record it in a pipeline."""
+    import yaml
+
+    from rag.config import load_yaml, pipeline_config
+    from rag.eval.calibrate import read_predictions, read_records, tune
+
+    result = tune(read_predictions(run), metric=metric, held_out=held_out, seed=seed,
+                  baseline=read_records(baseline)[1] if baseline else None)
+    rows = [[name, result[name]["tune"], result[name]["held_out"]]
+            for name in ("baseline", "paper", "top_ranked", "tuned", "oracle") if name in result]
+    typer.echo(f"{metric}: {result['tune_questions']} tuning / {result['held_out_questions']} held-out questions")
+    for name, t, h in rows:
+        typer.echo(f"  {name:<11} tune {t:.4f}  held-out {h:.4f}")
+    typer.echo(f"chosen: {json.dumps(result['weights'])}")
+    if pipeline is None:
+        return
+    raw = load_yaml(pipeline)
+    raw["selfrag"] = {**raw.get("selfrag", {}), **result["weights"]}
+    pipeline_config(pipeline, **raw)  # still a valid pipeline
+    header = [line for line in pipeline.read_text(encoding="utf-8").splitlines()
+              if line.startswith("#") and not line.startswith("# rag tune critic")]
+    header.append(f"# rag tune critic {run}: held-out {metric} {result['tuned']['held_out']:.4f} "
+                  f"({result['held_out_questions']} questions, seed {seed}; paper weights "
+                  f"{result['paper']['held_out']:.4f})")
+    tmp = pipeline.with_name(pipeline.name + ".tmp")
+    tmp.write_text("\n".join(header) + "\n" + yaml.safe_dump(raw, sort_keys=False), encoding="utf-8")
+    tmp.replace(pipeline)
+    typer.echo(f"written: {pipeline}")
+
+
 models_app = typer.Typer(no_args_is_help=True, help="Packaged and local generator models.")
 app.add_typer(models_app, name="models")
 

@@ -166,6 +166,8 @@ class SelfRagSettings(_Config):
     w_rel: float = 1.0
     w_sup: float = 1.0
     w_use: float = 0.5
+    w_ret: float = Field(0.0, ge=0.0, description="weight of the retrieval prior 1/rank in a candidate's "
+                         "score (0: the paper's formula; rag tune critic calibrates it)")
     use_seq: bool = Field(True, description="add exp(mean token logprob) to the score")
     decoding: Literal["short", "long"] = "short"
     max_depth: int = Field(7, ge=1, le=20)

@@ -100,6 +100,7 @@ class CandidateScores(_Frozen):
     s_use: float
     seq: float
     total: float
+    s_ret: float = Field(0.0, description="retrieval prior 1/rank (weighted by w_ret in total)")
 
 
 class Usage(_Frozen):

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, Protocol, TypeVar
 
 from rag.errors import ConfigError
 from rag.eval.datasets import EvalItem
@@ -22,9 +22,17 @@ from rag.retriever import fuse
 from rag.types import Hit
 
 
-def split(items: Sequence[EvalItem], held_out: float = 0.5, seed: int = 0) -> tuple[list[EvalItem], list[EvalItem]]:
+class _HasId(Protocol):
+    @property
+    def id(self) -> str: ...
+
+
+T = TypeVar("T", bound=_HasId)
+
+
+def split(items: Sequence[T], held_out: float = 0.5, seed: int = 0) -> tuple[list[T], list[T]]:
     """(tuning, held-out) by a seeded hash of each id: stable across runs and machines."""
-    def bucket(item: EvalItem) -> float:
+    def bucket(item: T) -> float:
         digest = hashlib.sha256(f"{seed}:{item.id}".encode()).digest()
         return int.from_bytes(digest[:8], "big") / 2**64
     tune = [it for it in items if bucket(it) >= held_out]

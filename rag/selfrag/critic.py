@@ -78,18 +78,17 @@ class TokenCritic:
                                     support=t.support, utility=t.utility, w=w) for _, _, g in items]
 
 
-# The three critique prompts about one (question, passage) start with the same text, so an
-# engine with prefix caching (vLLM) computes that part once. Measured on SmolLM2 over 12 SQuAD
-# questions: "does it contain the answer" separated gold from unrelated passages 10/12 times,
-# "is it relevant" only 7/12. The candidate prompt keeps the instruction first: 16/24 SQuAD
-# answers that way against 12/24 with the shared prefix.
-SHARED = "Question: {question}\n\nPassage:\n{passage}\n\n"
+# The candidate prompt keeps the instruction first: 16/24 SQuAD answers that way against 12/24
+# with the question first. The critique questions share the candidate's prefix, so an engine
+# with prefix caching (vLLM) computes only their own tokens: IsRel is appended to the candidate's
+# request (asked after the answer instead, it separated gold from unrelated passages on 5 of 8
+# SQuAD questions; appended, see test_prompted_critic_prefers_the_relevant_passage), IsSup and
+# IsUse follow the candidate's answer in its conversation.
 CANDIDATE_Q = "Answer the question using the passage.\n\nPassage: {passage}\n\nQuestion: {question}"
-REL_Q = SHARED + "Does the passage contain the answer to the question? Answer Yes or No."
-SUP_Q = SHARED + ("Answer: {answer}\n\nIs the answer supported by the passage? Answer Fully, "
-                  "Partially or No.")
-USE_Q = SHARED + ("Answer: {answer}\n\nHow useful is the answer to the question, from 1 (useless) "
-                  "to 5 (complete and helpful)? Reply with one digit.")
+REL_Q = "Does the passage contain the answer to the question? Answer Yes or No."
+SUP_Q = "Is your answer supported by the passage? Answer Fully, Partially or No."
+USE_Q = ("How useful is your answer to the question, from 1 (useless) to 5 (complete and helpful)? "
+         "Reply with one digit.")
 RET_Q = ("Question: {question}\n\nWould looking up documents help to answer this question "
          "correctly? Answer Yes or No.")
 
@@ -114,6 +113,10 @@ class PromptedCritic:
     def _chat(self, content: str) -> str:
         return self.format.render([ChatMessage(role="user", content=content)])
 
+    def _candidate_turn(self, question: str, passage: Passage) -> ChatMessage:
+        return ChatMessage(role="user", content=CANDIDATE_Q.format(passage=passage.title_text,
+                                                                  question=self._q(question)))
+
     def _q(self, question: str) -> str:
         return self.instruction.replace("{question}", question) if self.instruction else question
 
@@ -133,21 +136,22 @@ class PromptedCritic:
         return self._chat(self._q(question))
 
     def candidate_prompt(self, question: str, passage: Passage) -> str:
-        ctx = passage.title_text
-        return self._chat(CANDIDATE_Q.format(passage=ctx, question=self._q(question)))
+        return self.format.render([self._candidate_turn(question, passage)])
 
     def candidate_params(self, base: GenerationParams) -> GenerationParams:
         return base
 
     async def critique(self, items: Sequence[tuple[str, Passage, Generation]], w: Weights) -> list[Critique]:
-        """Three one-token questions per (question, passage, generation), all in one call."""
+        """Three one-token questions per (question, passage, generation), all in one call: IsRel
+        extends the candidate's own request, IsSup and IsUse continue its conversation (prompt,
+        answer, question), so the passage (and the answer) are in an engine's prefix cache."""
         prompts = []
         for question, p, g in items:
-            ctx = p.title_text
-            answer = " ".join(g.text.split())
-            prompts += [self._chat(REL_Q.format(passage=ctx, question=question)),
-                        self._chat(SUP_Q.format(passage=ctx, question=question, answer=answer)),
-                        self._chat(USE_Q.format(passage=ctx, question=question, answer=answer))]
+            ask = self._candidate_turn(question, p)
+            turns = [ask, ChatMessage(role="assistant", content=g.text.strip())]
+            # relevance does not depend on the answer: asked in the candidate's own first turn
+            prompts += [self.format.render([ChatMessage(role="user", content=f"{ask.content}\n\n{REL_Q}")]),
+                        *(self.format.render([*turns, ChatMessage(role="user", content=q)]) for q in (SUP_Q, USE_Q))]
         if not prompts:
             return []
         ids = sorted(set(self.yes_no + self.support + self.utility))

@@ -56,9 +56,11 @@ def _weights(s: SelfRagSettings) -> Weights:
     return Weights(rel=s.w_rel, sup=s.w_sup, use=s.w_use, seq=s.use_seq)
 
 
-def _scores(p: Passage | None, text: str, c: Critique) -> CandidateScores:
-    return CandidateScores(passage_id=p.id if p else None, text=text, s_rel=c.s_rel,
-                           s_sup=c.s_sup, s_use=c.s_use, seq=c.seq, total=c.total)
+def _scores(p: Passage | None, text: str, c: Critique, rank: int | None = None, w_ret: float = 0.0) -> CandidateScores:
+    """A candidate's scores; ``rank`` (short form) adds the retrieval prior ``w_ret / rank``."""
+    s_ret = 1.0 / rank if rank else 0.0
+    return CandidateScores(passage_id=p.id if p else None, text=text, s_rel=c.s_rel, s_sup=c.s_sup,
+                           s_use=c.s_use, seq=c.seq, total=c.total + w_ret * s_ret, s_ret=s_ret)
 
 
 class SelfRagDecoder:
@@ -142,7 +144,7 @@ class SelfRagDecoder:
                           finish_reason=g.finish_reason,
                           trace=Trace(critic=self.critic.label, raw_completion=g.text))
         scored = [(h, g, c) for h, g, c in cands if h is not None and c is not None]
-        scores = [_scores(h.passage, postprocess(g.text), c) for h, g, c in scored]
+        scores = [_scores(h.passage, postprocess(g.text), c, h.rank, self.settings.w_ret) for h, g, c in scored]
         if self.settings.closed:
             winner, sums = vote([s.text for s in scores], [s.total for s in scores])
             best = max(scores, key=lambda s: s.total if normalise_closed_answer(s.text) == winner else -math.inf)

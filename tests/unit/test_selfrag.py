@@ -320,3 +320,101 @@ def test_long_form_needs_reflection_tokens_and_pipeline_wiring() -> None:
     a = pipe.ask("Where?")
     assert a.text == "Paris" and len(a.scores) == 2
     assert a.to_json()["scores"][0].keys() >= {"s_rel", "s_sup", "s_use", "seq", "total"}
+
+
+# --- prompted critic: KV-shared critique questions, the retrieval prior, calibration ------------
+
+def prompted_setup(p_yes: float, sup: tuple[float, float, float], use: Sequence[float]):  # type: ignore[no-untyped-def]
+    """A scripted generator answering every critique question with the given option
+    probabilities (chatml format: the scripted tokenizer has no chat template)."""
+    from rag.prompts import get_format
+    from rag.selfrag.critic import REL_Q, SUP_Q, USE_Q, PromptedCritic
+
+    g = ScriptedGenerator(tokenizer=ScriptedTokenizer())
+    fmt = get_format("chatml", generator=g, extra_control=g.control_strings())
+    critic = PromptedCritic(g, fmt)
+    yes, no = critic.yes_no
+
+    def step(ids: Sequence[int], ps: Sequence[float]) -> Generation:
+        return Generation(text="x", token_ids=[ids[0]], token_logprobs=[-0.1],
+                          logprobs=[{i: ln(p) for i, p in zip(ids, ps)}], finish_reason="stop")
+
+    g.script = [(lambda p: p.rstrip().endswith(REL_Q + "<|im_end|>\n<|im_start|>assistant"),
+                 step([yes, no], [p_yes, 1 - p_yes])),
+                (lambda p: SUP_Q in p, step(critic.support, sup)),
+                (lambda p: USE_Q in p, step(critic.utility, use))]
+    return g, critic
+
+
+def test_prompted_critique_continues_the_candidate_conversation_hand_computed() -> None:
+    g, critic = prompted_setup(0.6, (0.3, 0.3, 0.1), [0.1, 0.1, 0.2, 0.2, 0.4])
+    p = Passage(id="p", title="T", text="The Zorblax Prize is awarded in Kelmora.")
+    answer = Generation(text=" It is awarded in Kelmora. ", token_ids=[5, 6, 7], token_logprobs=[-0.2, -0.4, -0.6],
+                        finish_reason="stop")
+    (c,) = asyncio.run(critic.critique([("Where?", p, answer)], W))
+    s_sup = (0.3 + 0.5 * 0.3) / 0.7
+    s_use = (-1 * 0.1 - 0.5 * 0.1 + 0 * 0.2 + 0.5 * 0.2 + 1 * 0.4) / 1.0
+    seq = math.exp(-0.4)
+    assert (c.s_rel, c.s_sup, c.s_use, c.seq) == pytest.approx((0.6, s_sup, s_use, seq))
+    assert c.total == pytest.approx(seq + W.rel * 0.6 + W.sup * s_sup + W.use * s_use)
+    # the questions share the candidate's prefix: IsRel extends its request (all but the end of
+    # the user turn), IsSup and IsUse continue its prompt and answer
+    import os
+
+    (questions,) = g.calls
+    prompt = critic.candidate_prompt("Where?", p)
+    turn_end = "<|im_end|>\n<|im_start|>assistant\n"
+    assert prompt.endswith(turn_end) and len(questions) == 3
+    assert os.path.commonprefix([questions[0], prompt]) == prompt[: -len(turn_end)]
+    assert all(q.startswith(prompt + "It is awarded in Kelmora.") for q in questions[1:])
+
+
+def test_retrieval_prior_adds_w_ret_over_rank_and_can_change_the_pick() -> None:
+    g, critic = prompted_setup(0.5, (0.2, 0.2, 0.2), [0.2] * 5)
+    first, second = hit("a", rank=1), hit("b", rank=2)
+    answers = {"a": Generation(text="From a.", token_ids=[5], token_logprobs=[-1.0], finish_reason="stop"),
+               "b": Generation(text="From b.", token_ids=[5], token_logprobs=[-0.1], finish_reason="stop")}
+    # candidate prompts: one user turn (critique prompts, matched first, have two)
+    g.script += [(lambda p, k=k: f"text of {k}" in p and p.count("<|im_start|>user") == 1, v)
+                 for k, v in answers.items()]
+
+    def run(w_ret: float):  # type: ignore[no-untyped-def]
+        settings = SelfRagSettings(mode="always", critic="prompted", w_ret=w_ret)
+        dec = SelfRagDecoder(g, critic, settings, GenerationParams(max_new_tokens=8))
+        return asyncio.run(dec.short_form(["Q?"], None, 2, hits=[[first, second]]))[0]
+
+    plain, prior = run(0.0), run(2.0)
+    assert [s.s_ret for s in plain.scores] == [1.0, 0.5]
+    # seq favours b by e^-0.1 - e^-1 = 0.54; the prior 2/1 against 2/2 favours a by 1.0
+    assert plain.text == "From b." and prior.text == "From a."
+    for a, b in zip(plain.scores, prior.scores, strict=True):
+        assert b.total == pytest.approx(a.total + 2.0 * b.s_ret)
+
+
+def test_calibration_picks_weights_on_the_tuning_split_and_reports_held_out(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    import json
+
+    from rag.eval.calibrate import PAPER, read_predictions, tune, value
+
+    def cand(text: str, rel: float, seq: float, s_ret: float) -> dict[str, float | str]:
+        return {"passage_id": text, "text": text, "s_rel": rel, "s_sup": 0.0, "s_use": 0.0, "seq": seq,
+                "total": 0.0, "s_ret": s_ret}
+
+    # the right answer always sits in the top-ranked candidate, which the sequence score dislikes
+    records = [{"id": f"q{i}", "gold": ["Kelmora"], "scores": [cand("Kelmora", 0.1, 0.2, 1.0),
+                                                                cand("Paris", 0.1, 0.9, 0.5)]}
+               for i in range(40)]
+    path = tmp_path / "predictions.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    result = tune(read_predictions(tmp_path))
+    assert result["paper"]["held_out"] == 0.0 and result["tuned"]["held_out"] == 1.0
+    assert result["oracle"]["held_out"] == 1.0 and result["weights"]["w_ret"] > 0
+    assert result["tune_questions"] + result["held_out_questions"] == 40
+    from rag.eval.calibrate import Question
+
+    assert value([Question(r, "match") for r in records], PAPER) == 0.0
+    old = tmp_path / "old.jsonl"
+    old.write_text(json.dumps({**records[0], "scores": [{k: v for k, v in c.items() if k != "s_ret"}
+                                                        for c in records[0]["scores"]]}) + "\n")
+    with pytest.raises(ConfigError, match="rerun rag eval"):
+        read_predictions(old)
