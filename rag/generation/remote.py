@@ -13,8 +13,9 @@ logprobs (an option outside the top k counts as missing), and the reflection-tok
 refuses to start (`rag.selfrag.critic.TokenCritic`).
 
 The client lives on its own event loop in one thread, like the vLLM engine: requests from any
-thread or loop are scheduled there. Timeouts, retries (connection errors, 408/409/429/5xx, by
-the client) and a server that goes away end in a `GenerationError` that names the server.
+thread or loop are scheduled there. The client retries timeouts, connection errors and
+408/409/429/5xx (``max_retries``); what still fails, and a server that goes away mid-stream,
+ends in a `GenerationError` that names the server.
 """
 
 from __future__ import annotations
