@@ -169,6 +169,10 @@ class SelfRagSettings(_Config):
     w_ret: float = Field(0.0, ge=0.0, description="weight of the retrieval prior 1/rank in a candidate's "
                          "score (0: the paper's formula; rag tune critic calibrates it)")
     use_seq: bool = Field(True, description="add exp(mean token logprob) to the score")
+    candidates: int | None = Field(
+        None, ge=1, description="short form: generate answers only for the N passages that a relevance "
+        "screen (one IsRel question per passage, plus w_ret/rank) ranks highest; null: one per "
+        "retrieved passage (the paper)")
     decoding: Literal["short", "long"] = "short"
     max_depth: int = Field(7, ge=1, le=20)
     beam_width: int = Field(2, ge=1, le=16)

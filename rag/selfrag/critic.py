@@ -71,8 +71,21 @@ class TokenCritic:
     def candidate_params(self, base: GenerationParams) -> GenerationParams:
         return base.model_copy(update={"logprob_token_ids": self.tokens.all_ids})
 
-    async def critique(self, items: Sequence[tuple[str, Passage, Generation]], w: Weights) -> list[Critique]:
-        """Scores for (question, passage, generation) triples, read off the generations."""
+    async def relevance(self, pairs: Sequence[tuple[str, Passage]]) -> list[float]:
+        """IsRel of each (question, passage) before any answer: the [Relevant]/[Irrelevant]
+        probabilities at the first position after the candidate prompt (what its generation
+        would read there, so its critique later agrees)."""
+        t = self.tokens
+        gens = await self.generator.agenerate([self.candidate_prompt(q, p) for q, p in pairs],
+                                              GenerationParams(max_new_tokens=1,
+                                                               logprob_token_ids=[t.relevant, t.irrelevant]))
+        return [relevance_score(normalised(g.logprobs[0] if g.logprobs else {}, [t.relevant, t.irrelevant]))
+                for g in gens]
+
+    async def critique(self, items: Sequence[tuple[str, Passage, Generation]], w: Weights,
+                       relevance: Sequence[float] | None = None) -> list[Critique]:
+        """Scores for (question, passage, generation) triples, read off the generations
+        (``relevance``, a screen's, is the same number and not needed here)."""
         t = self.tokens
         return [critique_generation(g, relevant=t.relevant, irrelevant=t.irrelevant,
                                     support=t.support, utility=t.utility, w=w) for _, _, g in items]
@@ -141,26 +154,40 @@ class PromptedCritic:
     def candidate_params(self, base: GenerationParams) -> GenerationParams:
         return base
 
-    async def critique(self, items: Sequence[tuple[str, Passage, Generation]], w: Weights) -> list[Critique]:
-        """Three one-token questions per (question, passage, generation), all in one call: IsRel
-        extends the candidate's own request, IsSup and IsUse continue its conversation (prompt,
-        answer, question), so the passage (and the answer) are in an engine's prefix cache."""
+    def _relevance_prompt(self, question: str, passage: Passage) -> str:
+        # relevance does not depend on the answer: asked in the candidate's own first turn
+        ask = self._candidate_turn(question, passage)
+        return self.format.render([ChatMessage(role="user", content=f"{ask.content}\n\n{REL_Q}")])
+
+    async def relevance(self, pairs: Sequence[tuple[str, Passage]]) -> list[float]:
+        """IsRel of each (question, passage) before any answer is generated (the screen)."""
+        outs = await self.generator.agenerate([self._relevance_prompt(q, p) for q, p in pairs],
+                                              GenerationParams(max_new_tokens=1, logprob_token_ids=self.yes_no))
+        return [relevance_score(normalised(o.logprobs[0] if o.logprobs else {}, self.yes_no)) for o in outs]
+
+    async def critique(self, items: Sequence[tuple[str, Passage, Generation]], w: Weights,
+                       relevance: Sequence[float] | None = None) -> list[Critique]:
+        """One-token questions per (question, passage, generation), all in one call: IsRel
+        extends the candidate's own request (skipped when ``relevance``, a screen's answers, is
+        given), IsSup and IsUse continue its conversation (prompt, answer, question), so the
+        passage (and the answer) are in an engine's prefix cache."""
+        per = 2 if relevance is not None else 3
         prompts = []
         for question, p, g in items:
-            ask = self._candidate_turn(question, p)
-            turns = [ask, ChatMessage(role="assistant", content=g.text.strip())]
-            # relevance does not depend on the answer: asked in the candidate's own first turn
-            prompts += [self.format.render([ChatMessage(role="user", content=f"{ask.content}\n\n{REL_Q}")]),
-                        *(self.format.render([*turns, ChatMessage(role="user", content=q)]) for q in (SUP_Q, USE_Q))]
+            turns = [self._candidate_turn(question, p), ChatMessage(role="assistant", content=g.text.strip())]
+            if relevance is None:
+                prompts.append(self._relevance_prompt(question, p))
+            prompts += [self.format.render([*turns, ChatMessage(role="user", content=q)]) for q in (SUP_Q, USE_Q)]
         if not prompts:
             return []
         ids = sorted(set(self.yes_no + self.support + self.utility))
         outs = await self.generator.agenerate(prompts, GenerationParams(max_new_tokens=1, logprob_token_ids=ids))
         result = []
         for i, (_, _, g) in enumerate(items):
-            rel, sup, use = (o.logprobs[0] if o.logprobs else {} for o in outs[3 * i: 3 * i + 3])
-            result.append(combine(relevance_score(normalised(rel, self.yes_no)),
-                                  support_score(normalised(sup, self.support)),
+            steps = [o.logprobs[0] if o.logprobs else {} for o in outs[per * i: per * i + per]]
+            s_rel = relevance[i] if relevance is not None else relevance_score(normalised(steps[0], self.yes_no))
+            sup, use = steps[-2:]
+            result.append(combine(s_rel, support_score(normalised(sup, self.support)),
                                   utility_score(normalised(use, self.utility)),
                                   sequence_score(g.token_logprobs), w))
         return result

@@ -102,11 +102,12 @@ class SelfRagDecoder:
             elif search is not None:
                 found = dict(zip(retrieve, await search([questions[i] for i in retrieve], top_k), strict=True))
         t_ret = time.perf_counter() - t0
+        screened = await self._screen(questions, found)
         prompts: list[str] = []
         owners: list[tuple[int, Hit | None]] = []
         for i, q in enumerate(questions):
             if found.get(i):
-                for h in found[i]:
+                for h in [h for h, _ in screened[i]] if i in screened else found[i]:
                     prompts.append(self.critic.candidate_prompt(q, h.passage))
                     owners.append((i, h))
             else:
@@ -116,15 +117,37 @@ class SelfRagDecoder:
         gens = await self.generator.agenerate(prompts, self.critic.candidate_params(self.params))
         t_gen = time.perf_counter() - t1
         items = [(questions[i], h.passage, g) for (i, h), g in zip(owners, gens, strict=True) if h]
+        relevance = [r for i in sorted(screened) for _, r in screened[i]] if screened else None
         t2 = time.perf_counter()
-        critiques = iter(await self.critic.critique(items, self.weights))
+        critiques = iter(await self.critic.critique(items, self.weights, relevance))
         t_crit = time.perf_counter() - t2
         per_q: dict[int, list[tuple[Hit | None, Generation, Critique | None]]] = {}
         for (i, maybe_hit), g in zip(owners, gens, strict=True):
             per_q.setdefault(i, []).append((maybe_hit, g, next(critiques) if maybe_hit else None))
         n = max(1, len(questions))
         timings = Timings(retrieval_s=t_ret / n, generation_s=t_gen / n, critique_s=t_crit / n)
-        return [self._short_answer(decisions[i], per_q[i], timings) for i in range(len(questions))]
+        return [self._short_answer(decisions[i], per_q[i], found.get(i, []), timings)
+                for i in range(len(questions))]
+
+    async def _screen(self, questions: Sequence[str], found: dict[int, list[Hit]]
+                      ) -> dict[int, list[tuple[Hit, float]]]:
+        """``candidates: N``: ask IsRel of every retrieved passage (one token each, no answer
+        yet) and keep, per question, the N with the highest ``w_rel*s_rel + w_ret/rank`` (in that
+        order, each with its s_rel); empty when every passage gets a candidate."""
+        keep = self.settings.candidates
+        pairs = [(i, h) for i, hs in found.items() for h in hs]
+        if keep is None or all(len(hs) <= keep for hs in found.values()) or not pairs:
+            return {}
+        rel = await self.critic.relevance([(questions[i], h.passage) for i, h in pairs])
+        s = self.settings
+        per_q: dict[int, list[tuple[float, Hit]]] = {}
+        for (i, h), r in zip(pairs, rel, strict=True):
+            per_q.setdefault(i, []).append((r, h))
+        out = {}
+        for i, scored in per_q.items():
+            best = sorted(scored, key=lambda rh: -(s.w_rel * rh[0] + s.w_ret / rh[1].rank))[:keep]
+            out[i] = [(h, r) for r, h in best]
+        return out
 
     def _decision(self, retrieved: bool, probability: float | None) -> RetrievalDecision:
         return RetrievalDecision(decision="retrieve" if retrieved else "no_retrieval",
@@ -133,7 +156,7 @@ class SelfRagDecoder:
 
     def _short_answer(self, decision: tuple[bool, float | None],
                       cands: list[tuple[Hit | None, Generation, Critique | None]],
-                      timings: Timings) -> Answer:
+                      retrieved: list[Hit], timings: Timings) -> Answer:
         retrieval = self._decision(cands[0][0] is not None, decision[1])
         tokens = sum(len(g.token_ids) for _, g, _ in cands)
         usage = Usage(prompt_tokens=sum(g.prompt_tokens for _, g, _ in cands), completion_tokens=tokens)
@@ -156,7 +179,7 @@ class SelfRagDecoder:
         return Answer(text=map_answer(self.settings.task, best.text),
                       citations=[Citation(id=hit.passage.id, title=hit.passage.title,
                                                           score=hit.score)],
-                      hits=[h for h, _, _ in scored], scores=scores, retrieval=retrieval, usage=usage,
+                      hits=retrieved, scores=scores, retrieval=retrieval, usage=usage,
                       timings=timings, finish_reason=scored[idx][1].finish_reason,
                       trace=Trace(critic=self.critic.label, best_candidate=idx,
                                   raw_completion=scored[idx][1].text))

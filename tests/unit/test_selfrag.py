@@ -391,6 +391,61 @@ def test_retrieval_prior_adds_w_ret_over_rank_and_can_change_the_pick() -> None:
         assert b.total == pytest.approx(a.total + 2.0 * b.s_ret)
 
 
+def test_relevance_screen_generates_only_for_the_best_passages_hand_computed() -> None:
+    """candidates: 1 asks IsRel of each passage first (one token, no answer), generates only for
+    argmax(w_rel*s_rel + w_ret/rank), and does not ask IsRel again in the critique."""
+    from rag.selfrag.critic import REL_Q, PromptedCritic
+
+    g, critic = prompted_setup(0.5, (0.6, 0.2, 0.2), [0.1, 0.1, 0.2, 0.2, 0.4])
+    assert isinstance(critic, PromptedCritic)
+    yes, no = critic.yes_no
+    p_yes = {"a": 0.3, "b": 0.9, "c": 0.95}
+
+    def rel_step(prompt: str) -> Generation:
+        k = next(k for k in p_yes if f"text of {k}" in prompt)
+        return Generation(text="Yes", token_ids=[yes], token_logprobs=[-0.1],
+                          logprobs=[{yes: ln(p_yes[k]), no: ln(1 - p_yes[k])}], finish_reason="stop")
+
+    g.script.insert(0, (lambda p: REL_Q in p, rel_step))
+    g.script += [(lambda p, k=k: f"text of {k}" in p and p.count("<|im_start|>user") == 1,
+                  Generation(text=f"From {k}.", token_ids=[5], token_logprobs=[-0.5], finish_reason="stop"))
+                 for k in p_yes]
+    hits = [hit("a", rank=1), hit("b", rank=2), hit("c", rank=3)]
+
+    def run(w_ret: float, candidates: int):  # type: ignore[no-untyped-def]
+        g.calls.clear()
+        settings = SelfRagSettings(mode="always", critic="prompted", w_ret=w_ret, candidates=candidates)
+        dec = SelfRagDecoder(g, critic, settings, GenerationParams(max_new_tokens=8))
+        return asyncio.run(dec.short_form(["Q?"], None, 3, hits=[hits]))[0]
+
+    # s_rel + w_ret/rank: a 0.3+1.0=1.3, b 0.9+0.5=1.4, c 0.95+0.333=1.283 -> b
+    one = run(1.0, 1)
+    screen, generate, critique = g.calls
+    assert len(screen) == 3 and all(REL_Q in p for p in screen)
+    assert len(generate) == 1 and "text of b" in generate[0]
+    assert len(critique) == 2 and not any(REL_Q in p for p in critique)  # IsSup, IsUse only
+    assert one.text == "From b." and [s.passage_id for s in one.scores] == ["b"]
+    assert one.scores[0].s_rel == pytest.approx(0.9) and one.scores[0].s_ret == pytest.approx(0.5)
+    assert [h.passage.id for h in one.hits] == ["a", "b", "c"]  # what was retrieved, all of it
+    # a stronger prior keeps the top-ranked passage: a 0.3+4 beats b 0.9+2
+    assert run(4.0, 1).text == "From a."
+    # candidates: 2 keeps b and a (1.4, 1.3), critiques both, the paper's formula picks between them
+    two = run(1.0, 2)
+    assert [s.passage_id for s in two.scores] == ["b", "a"] and len(g.calls[1]) == 2
+    assert [s.s_rel for s in two.scores] == pytest.approx([0.9, 0.3])
+
+
+def test_relevance_screen_with_reflection_tokens_reads_the_first_isrel_position() -> None:
+    cands = {"a": candidate(0.2, "Berlin", "full", 5), "b": candidate(0.9, "Paris", "full", 5),
+             "c": candidate(0.6, "Lyon", "full", 5)}
+    script = [(lambda p, k=k: f"text of {k}" in p, g) for k, g in cands.items()]
+    dec, g = decoder(script, SelfRagSettings(mode="always", candidates=1))
+    (answer,) = short_form(dec, ["Where is the Eiffel Tower?"], lambda qs, k: [[hit("a"), hit("b"), hit("c")]], 3)
+    screen, generate = g.calls
+    assert len(screen) == 3 and generate == [screen[1]]  # the candidate prompt of b, the most relevant
+    assert answer.text == "Paris" and answer.scores[0].s_rel == pytest.approx(0.9)
+
+
 def test_calibration_picks_weights_on_the_tuning_split_and_reports_held_out(tmp_path) -> None:  # type: ignore[no-untyped-def]
     import json
 

@@ -26,6 +26,7 @@ from typing import Any
 
 from rag.corpus import Record
 from rag.errors import ConfigError, RagError, missing_extra
+from rag.index.checkpoints import Shards, batches_after, commit, progress_bar
 from rag.store import PassageStore
 
 log = logging.getLogger(__name__)
@@ -168,19 +169,18 @@ def _write_windows(partial: Path, store: PassageStore, records: Iterator[Record]
                    key: str, bar: Any) -> None:
     """Read + chunk into the store and window files; resumes after what the store holds."""
     from rag.embedding import passage_text
-    from rag.index import _batches_after, _commit
 
     todo = partial / TODO_DIR
     todo.mkdir(exist_ok=True)
     done = int(store.get_state("records_done") or 0)
-    for batch, records_done in _batches_after(records, window, done):
-        start = len(store)
+    for batch, records_done in batches_after(records, window, done):
+        start = store.next_row()
         lines = "".join(json.dumps(passage_text(r.passage.title, r.passage.text), ensure_ascii=False)
                         + "\n" for r in batch)
         tmp = todo / f"{start:012d}.jsonl.tmp"
         tmp.write_text(lines, encoding="utf-8")
         os.replace(tmp, todo / f"{start:012d}.jsonl")
-        _commit(store, batch, records_done, key)
+        commit(store, batch, records_done, key)
         bar.set_postfix_str(f"read {records_done}")
 
 
@@ -199,16 +199,14 @@ def encode_with_ray(partial: Path, store: PassageStore, records: Iterator[Record
     ``--precision fp16`` for a GPU cluster driven from a CPU machine). Returns the number of
     windows encoded per Ray node id (empty when all were already done).
     """
-    from rag.index import _progress, _Shards
-
     window = opts.window or batch_size
-    bar = _progress(None, "reading (ray build)", progress)
+    bar = progress_bar(None, "reading (ray build)", progress)
     try:
         _write_windows(partial, store, records, window, key, bar)
     finally:
         bar.close()
-    shards = _Shards(partial)
-    shards.drop_from(len(store))
+    shards = Shards(partial)
+    shards.drop_from(store.next_row())
     todo = sorted((partial / TODO_DIR).glob("*.jsonl"))
     pending = [p for p in todo if not (shards.dir / f"{p.name.split('.')[0]}.npy").exists()]
     if len(pending) < len(todo):
@@ -229,7 +227,7 @@ def encode_with_ray(partial: Path, store: PassageStore, records: Iterator[Record
         compute=ray.data.ActorPoolStrategy(size=actors, max_tasks_in_flight_per_actor=1),
         **resources)
     per_node: dict[str, int] = {}
-    bar = _progress(len(pending), "encoding windows (ray)", progress)
+    bar = progress_bar(len(pending), "encoding windows (ray)", progress)
     try:
         for row in ds.iter_rows():
             if row["error"]:
