@@ -76,7 +76,7 @@ def scifact_ndcg(folder: Path) -> float:
 
     from rag.retriever import DenseRetriever
 
-    r = DenseRetriever(folder)
+    r = DenseRetriever.from_folder(folder)
     ids = {p.id for p in r.store.iter_passages()}
     _, queries, qrels = scifact()
     qids = [q for q in qrels if set(qrels[q]) & ids]

@@ -4,7 +4,7 @@
 
 One fp32 index of SciFact passages (all-MiniLM-L6-v2); the same vectors go into a LangChain
 FAISS store. For each precision, `rag` encodes the queries at that precision
-(`DenseRetriever(folder, precision=...)`) and searches: batch QPS through `search_batch`,
+(`DenseRetriever.from_folder(folder, precision=...)`) and searches: batch QPS through `search_batch`,
 through `RagRetriever.batch` (the LangChain adapter), the median single-query latency, and
 nDCG@10 on the SciFact queries whose gold passages are in the subset. The peer is LangChain's
 `vectorstore.as_retriever().batch` (a thread pool, one encode per query) and `.invoke`.
@@ -77,7 +77,7 @@ def main() -> None:
 
         results = {}
         for p in args.precisions.split(","):
-            ours = DenseRetriever(f"{tmp}/idx", precision=p)
+            ours = DenseRetriever.from_folder(f"{tmp}/idx", precision=p)
             adapter = RagRetriever(retriever=ours, top_k=10)
             ours.search_batch(qs[:4], 10)
             t_ours = best_of(lambda: ours.search_batch(qs, 10))  # noqa: B023

@@ -35,7 +35,7 @@ def run(method: str, corpus: Path, out: Path, precision: str) -> dict[str, float
     started = 0.0
     opts = None
     if method == "ray":
-        from rag.distributed import RayOptions, connect
+        from rag.index.ray import RayOptions, connect
 
         t = time.perf_counter()
         connect(None)

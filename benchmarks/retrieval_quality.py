@@ -49,7 +49,7 @@ def main() -> None:
         corpus.write_text("".join(json.dumps(d) + "\n" for d in docs))
         recipe = IndexRecipe(name="scifact", corpus=str(corpus), format="beir", out=f"{tmp}/idx")
         _, t_build = timed(lambda: build_index(recipe, progress=False))
-        dense = DenseRetriever(f"{tmp}/idx")
+        dense = DenseRetriever.from_folder(f"{tmp}/idx")
         bm25 = BM25Retriever(f"{tmp}/idx")
         hybrid = HybridRetriever(dense, bm25)
         for name, r in [("rag dense", dense), ("rag bm25", bm25), ("rag hybrid", hybrid)]:

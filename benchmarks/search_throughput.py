@@ -42,7 +42,7 @@ def main() -> None:
         corpus = Path(tmp) / "c.jsonl"
         corpus.write_text("".join(json.dumps(d) + "\n" for d in docs))
         build_index(IndexRecipe(name="s", corpus=str(corpus), out=f"{tmp}/idx"), progress=False)
-        ours = DenseRetriever(f"{tmp}/idx")
+        ours = DenseRetriever.from_folder(f"{tmp}/idx")
         model = ours.embedder.model  # type: ignore[attr-defined]
         vecs = faiss.read_index(f"{tmp}/idx/index.faiss").reconstruct_n(0, len(docs))
         raw = faiss.IndexFlatIP(vecs.shape[1])

@@ -57,6 +57,9 @@ def index_build(
     precision: Annotated[Optional[str], typer.Option(
         help="encoder precision: auto|fp32|bf16|fp16|int8 (int8 needs the int8 extra)")] = None,
     force: Annotated[bool, typer.Option(help="rebuild even if up to date")] = False,
+    prompts: Annotated[Optional[str], typer.Option(
+        help="encoder prompts: model (declared by the encoder; default), none, e5, bge, gte-instruct, "
+             "instructor")] = None,
     ray: Annotated[Optional[str], typer.Option(
         "--ray", metavar="[ADDRESS]",
         help="encode on a Ray cluster: no value starts a local one; 'auto' joins the cluster "
@@ -77,7 +80,7 @@ def index_build(
     overrides = {k: v for k, v in {
         "corpus": corpus, "out": str(out) if out else None, "embedder": embedder,
         "factory": factory, "metric": metric, "batch_size": batch_size, "device": device,
-        "precision": precision,
+        "precision": precision, "prompts": prompts,
     }.items() if v is not None}
     if format != "auto":
         overrides["format"] = format
@@ -96,7 +99,7 @@ def index_build(
         raise ConfigError(validation_message(recipe or "options", e)) from None
     ray_opts = None
     if ray is not None:
-        from rag.distributed import RayOptions
+        from rag.index.ray import RayOptions
 
         ray_opts = RayOptions(address=None if ray == RAY_LOCAL else ray, actors=ray_actors,
                               cpus_per_actor=ray_cpus_per_actor, window=ray_window)
@@ -117,21 +120,110 @@ def index_info(folder: Path) -> None:
                 "report": json.loads(report.read_text()) if report.exists() else None})
 
 
-@index_app.command("add")
-def index_add(
-    folder: Path,
-    corpus: Annotated[str, typer.Option(help="corpus to append")],
-    format: Annotated[str, typer.Option(help="auto|jsonl|flashrag|dpr|beir|dir|pydoc")] = "auto",
-    batch_size: int = 256,
-    skip_bad_lines: bool = False,
-    quiet: Quiet = False,
-) -> None:
-    """Append passages to an existing index without rebuilding it."""
-    from rag.index import add_to_index
+CorpusFormat = Annotated[str, typer.Option("--format", help="auto|jsonl|flashrag|dpr|beir|dir|pydoc")]
 
-    m = add_to_index(folder, corpus, format=format, batch_size=batch_size,
-                     skip_bad_lines=skip_bad_lines, progress=not quiet)
-    _echo_json({"index": str(folder), "passages": m.passages})
+
+def _corpus_change(mode: str, folder: Path, corpus: str, format: str, batch_size: int,
+                   skip_bad_lines: bool, quiet: bool) -> None:
+    from rag.index import upsert
+
+    m = upsert(folder, corpus, format=format, batch_size=batch_size, skip_bad_lines=skip_bad_lines,
+               progress=not quiet, mode=mode)  # type: ignore[arg-type]
+    _echo_json({"index": str(folder), "passages": m.passages, "change": m.history[-1] if m.history else None})
+
+
+@index_app.command("add")
+def index_add(folder: Path, corpus: Annotated[str, typer.Option(help="corpus to append (ids must be new)")],
+              format: CorpusFormat = "auto", batch_size: int = 256, skip_bad_lines: bool = False,
+              quiet: Quiet = False) -> None:
+    """Append passages to an existing index without rebuilding it."""
+    _corpus_change("add", folder, corpus, format, batch_size, skip_bad_lines, quiet)
+
+
+@index_app.command("upsert")
+def index_upsert(folder: Path, corpus: Annotated[str, typer.Option(
+                     help="corpus whose passages are added, or replace the stored ones with their ids")],
+                 format: CorpusFormat = "auto", batch_size: int = 256, skip_bad_lines: bool = False,
+                 quiet: Quiet = False) -> None:
+    """Add new passages and replace changed ones (only those are re-encoded); resumable."""
+    _corpus_change("upsert", folder, corpus, format, batch_size, skip_bad_lines, quiet)
+
+
+@index_app.command("delete")
+def index_delete(
+    folder: Path,
+    ids: Annotated[Optional[list[str]], typer.Option("--ids", help="passage ids (repeat)")] = None,
+    ids_file: Annotated[Optional[Path], typer.Option(help="a file of passage ids, one per line")] = None,
+    source: Annotated[Optional[list[str]], typer.Option(
+        help="delete every passage read from this corpus file (or directory); repeat")] = None,
+) -> None:
+    """Delete passages: they never come back from any search mode and their text leaves the store."""
+    from rag.index import delete, read_manifest
+
+    wanted = list(ids or [])
+    if ids_file is not None:
+        if not ids_file.is_file():
+            raise ConfigError(f"--ids-file {ids_file}: no such file")
+        wanted += [line.strip() for line in ids_file.read_text(encoding="utf-8").splitlines() if line.strip()]
+    before = read_manifest(folder).passages
+    m = delete(folder, wanted, sources=source or [])
+    _echo_json({"index": str(folder), "deleted": before - m.passages, "passages": m.passages,
+                "deleted_rows": m.deleted})
+
+
+@index_app.command("sync")
+def index_sync(folder: Path, quiet: Quiet = False) -> None:
+    """Re-read the corpora named in the manifest and apply the difference (added, changed,
+    removed records and files)."""
+    from rag.index import read_manifest, sync
+
+    n = len(read_manifest(folder).history)
+    m = sync(folder, progress=not quiet)
+    _echo_json({"index": str(folder), "passages": m.passages, "changes": m.history[n:]})
+
+
+@index_app.command("compact")
+def index_compact(folder: Path) -> None:
+    """Drop deleted passages' vectors from the FAISS structure (no re-encoding)."""
+    from rag.index import compact, folder_size
+
+    before = folder_size(folder)
+    m = compact(folder)
+    _echo_json({"index": str(folder), "passages": m.passages, "bytes_before": before, "bytes": folder_size(folder)})
+
+
+@index_app.command("import")
+def index_import(
+    index_file: Annotated[Path, typer.Argument(help="an existing FAISS index file (e.g. FlashRAG's e5_Flat.index)")],
+    corpus: Annotated[str, typer.Option(help="its passages in row order (wiki18_100w.jsonl, psgs_w100.tsv)")],
+    out: Annotated[Path, typer.Option(help="the rag index folder to write")],
+    embedder: Annotated[str, typer.Option(help="the encoder the vectors were made with (queries use it)")],
+    format: CorpusFormat = "auto",
+    prompts: Annotated[str, typer.Option(help="model|none|e5|bge|gte-instruct|instructor")] = "model",
+    normalize: Annotated[bool, typer.Option(help="the vectors are unit length (cosine)")] = True,
+    check: Annotated[bool, typer.Option(help="re-encode a sample and compare with the stored vectors")] = True,
+) -> None:
+    """Wrap an existing FAISS index and its corpus into an index folder, without re-encoding."""
+    from rag.index import folder_size, import_index
+
+    m = import_index(index_file, corpus, out, embedder=embedder, format=format, prompts=prompts,
+                     normalize=normalize, check=check)
+    _echo_json({"index": str(out), "passages": m.passages, "factory": m.factory, "metric": m.metric,
+                "check": m.history[-1], "bytes": folder_size(out)})
+
+
+@index_app.command("verify")
+def index_verify(folder: Path) -> None:
+    """Check every file of an index folder against the sizes and sha256 its manifest recorded."""
+    from rag.index import verify
+
+    problems = verify(folder)
+    for line in problems:
+        typer.echo(line)
+    if problems:
+        typer.echo(f"{folder}: damaged; rebuild it (rag index build ... --out {folder} --force) or restore a copy")
+        raise typer.Exit(1)
+    typer.echo(f"{folder}: intact")
 
 
 def _parse_filter(items: list[str] | None) -> dict[str, Any] | None:
@@ -436,7 +528,8 @@ def tune_fusion(
     items = [it for it in load_dataset(data, format, limit=limit, qrels=qrels) if it.gold_ids]
     depth = config.retrieval.fusion.candidates
     queries = [it.question for it in items]
-    dense = dict(zip([it.id for it in items], DenseRetriever(folder).search_batch(queries, depth), strict=True))
+    dense_hits = DenseRetriever.from_folder(folder).search_batch(queries, depth)
+    dense = dict(zip([it.id for it in items], dense_hits, strict=True))
     sparse = dict(zip([it.id for it in items], BM25Retriever(folder).search_batch(queries, depth), strict=True))
     result = tune(items, dense, sparse, measure=measure, held_out=held_out, seed=seed, depth=depth)
     fusion = {**result["fusion"], "candidates": depth}
@@ -469,6 +562,8 @@ def tune_critic(
     seed: Annotated[int, typer.Option(help="seed of the tuning / held-out split")] = 0,
     baseline: Annotated[Optional[Path], typer.Option(
         help="another pipeline's folder of the same run (e.g. naive RAG), scored on the same splits")] = None,
+    screen: Annotated[bool, typer.Option(
+        help="tune the relevance screen of candidates: 1 (w_rel, w_ret) from a run with every candidate")] = False,
 ) -> None:
     """Calibrate how Self-RAG picks among its candidates (selfrag.w_rel, w_sup, w_use, use_seq,
     w_ret) on a tuning split of an eval run, report the held-out split, record it in a pipeline."""
@@ -478,7 +573,7 @@ def tune_critic(
     from rag.eval.calibrate import read_predictions, read_records, tune
 
     result = tune(read_predictions(run), metric=metric, held_out=held_out, seed=seed,
-                  baseline=read_records(baseline)[1] if baseline else None)
+                  baseline=read_records(baseline)[1] if baseline else None, screen=screen)
     rows = [[name, result[name]["tune"], result[name]["held_out"]]
             for name in ("baseline", "paper", "top_ranked", "tuned", "oracle") if name in result]
     typer.echo(f"{metric}: {result['tune_questions']} tuning / {result['held_out_questions']} held-out questions")
@@ -574,7 +669,7 @@ def main(argv: list[str] | None = None) -> int:
     # (`rag serve` installs uvicorn's own handler while it runs)
     signal.signal(signal.SIGTERM, _interrupt)
     try:
-        typer.main.get_command(app).main(args=args, prog_name="rag", standalone_mode=False)
+        rc = typer.main.get_command(app).main(args=args, prog_name="rag", standalone_mode=False)
     except exits as e:
         return int(getattr(e, "exit_code", 0))
     except usage as e:
@@ -591,7 +686,7 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         typer.echo("interrupted (an index build resumes when run again)", err=True)
         return 130
-    return 0
+    return rc if isinstance(rc, int) else 0  # a typer.Exit(code) inside a command
 
 
 if __name__ == "__main__":

@@ -41,8 +41,10 @@ class IndexRecipe(_Config):
     out: str | None = Field(None, description="output folder (default indexes/<name>)")
     embedder: str = "all-MiniLM-L6-v2"
     normalize: bool = True
-    query_prompt: str = ""
-    passage_prompt: str = ""
+    prompts: str = Field("model", description="query/passage prompts: model (what the encoder declares in "
+                         "its sentence-transformers config), none, e5, bge, gte-instruct, instructor")
+    query_prompt: str = Field("", description="explicit query prefix (overrides prompts)")
+    passage_prompt: str = Field("", description="explicit passage prefix (overrides prompts)")
     factory: str = Field("Flat", description="FAISS factory string: Flat, HNSW32, IVF1024,PQ64 ...")
     metric: Metric = "ip"
     batch_size: int = Field(256, ge=1, description="passages encoded and checkpointed per step")

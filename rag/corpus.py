@@ -298,10 +298,11 @@ def _read_squad(path: Path, **_: Any) -> Iterator[Record | CorpusError]:
 
 
 def _chunks(doc_id: str, title: str, text: str, source: str, chunk_size: int,
-            chunk_stride: int | None) -> Iterator[Record]:
+            chunk_stride: int | None, file: str | None = None) -> Iterator[Record]:
+    """``source`` goes in the metadata; ``file`` (default: the same) is where the record was read."""
     for i, (offset, chunk) in enumerate(chunk_words(text, chunk_size, chunk_stride)):
         meta = {"source": source, "offset": offset}
-        yield Record(Passage(id=f"{doc_id}#{i}", title=title, text=chunk, meta=meta), source, 0)
+        yield Record(Passage(id=f"{doc_id}#{i}", title=title, text=chunk, meta=meta), file or source, 0)
 
 
 def _read_dir(path: Path, *, chunk_size: int, chunk_stride: int | None) -> Iterator[Record]:
@@ -310,7 +311,7 @@ def _read_dir(path: Path, *, chunk_size: int, chunk_stride: int | None) -> Itera
     for file in files:
         rel = file.name if file == path else file.relative_to(path).as_posix()
         text = file.read_text(encoding="utf-8", errors="replace")
-        yield from _chunks(rel, file.stem, text, rel, chunk_size, chunk_stride)
+        yield from _chunks(rel, file.stem, text, rel, chunk_size, chunk_stride, str(file))
 
 
 def _read_pydoc(_: Path, *, chunk_size: int, chunk_stride: int | None) -> Iterator[Record]:

@@ -12,7 +12,7 @@ from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 
-from rag.errors import ModelNotFoundError, missing_extra
+from rag.errors import ConfigError, ModelNotFoundError, missing_extra
 
 log = logging.getLogger(__name__)
 
@@ -250,6 +250,45 @@ class HashingEmbedder:
         return np.stack([self._vec(t) for t in texts]) if texts else np.zeros((0, self._dim), np.float32)
 
     encode_passages = encode_queries
+
+
+# (query prefix, passage prefix) of encoder families that were trained with them
+PROMPT_PRESETS: dict[str, tuple[str, str]] = {
+    "none": ("", ""),
+    "e5": ("query: ", "passage: "),
+    "bge": ("Represent this sentence for searching relevant passages: ", ""),
+    "gte-instruct": ("Instruct: Given a web search query, retrieve relevant passages that answer the query\nQuery: ",
+                     ""),
+    "instructor": ("Represent the Wikipedia question for retrieving supporting documents: ",
+                   "Represent the Wikipedia document for retrieval: "),
+}
+PASSAGE_PROMPT_NAMES = ("passage", "document", "corpus", "doc")
+
+
+def declared_prompts(model: str) -> tuple[str, str] | None:
+    """The (query, passage) prompts a sentence-transformers model declares in its
+    ``config_sentence_transformers.json`` (``prompts: {query: ..., passage|document: ...}``)."""
+    import json
+
+    config = Path(resolve_embedder_path(model)) / "config_sentence_transformers.json"
+    if not config.is_file():
+        return None
+    prompts = json.loads(config.read_text(encoding="utf-8")).get("prompts") or {}
+    query = prompts.get("query", "")
+    passage = next((prompts[k] for k in PASSAGE_PROMPT_NAMES if k in prompts), "")
+    return (query, passage) if query or passage else None
+
+
+def resolve_prompts(model: str, preset: str, query_prompt: str = "", passage_prompt: str = "") -> tuple[str, str]:
+    """The prompts an index is built with: explicit ones first, else the preset (``model``: what
+    the model declares, none when it declares nothing)."""
+    if query_prompt or passage_prompt:
+        return query_prompt, passage_prompt
+    if preset == "model":
+        return (declared_prompts(model) if not model.startswith("hash:") else None) or ("", "")
+    if preset not in PROMPT_PRESETS:
+        raise ConfigError(f"unknown prompt preset {preset!r}; use model, {', '.join(PROMPT_PRESETS)}")
+    return PROMPT_PRESETS[preset]
 
 
 def load_embedder(name: str = DEFAULT_EMBEDDER, **kwargs: Any) -> Embedder:

@@ -44,6 +44,10 @@ class IndexNotFoundError(IndexError_):
     pass
 
 
+class IndexCorruptError(IndexError_):
+    """A file of an index folder is damaged (truncated, corrupted, an unfinished checkpoint)."""
+
+
 class IndexMismatchError(IndexError_):
     pass
 

@@ -17,15 +17,16 @@ import numpy as np
 
 from rag.embedding import Embedder, passage_text
 from rag.errors import ConfigError, missing_extra
-from rag.index import (
+from rag.index.folder import (
     INDEX_FILE,
     STORE_FILE,
-    FaissIndex,
     Manifest,
     check_embedder,
+    check_sizes,
     embedder_from_manifest,
     read_manifest,
 )
+from rag.index.vectors import FaissIndex, VectorIndex
 from rag.store import PassageStore
 from rag.types import Hit
 
@@ -66,29 +67,44 @@ def _check_top_k(top_k: int) -> None:
 
 
 class DenseRetriever(_Base):
-    """Embed queries, search the FAISS index, fetch passages from the store.
+    """Embed queries, search a vector index, fetch passages from the store; rows the store lists
+    as deleted are never returned.
 
     Args:
-        folder: an index folder made by `build_index`.
-        embedder: defaults to the one named in the manifest; another one is refused.
-        device: ``auto`` (GPU when faiss-gpu sees one), ``cpu`` or ``gpu``.
+        embedder: encodes the queries (the one the index was built with).
+        index: any `VectorIndex` (`FaissIndex`, `NumpyFlatIndex`).
+        store: the passages, row ``i`` = vector ``i``.
         nprobe, ef_search: default IVF / HNSW search breadth (overridable per call).
-        mmap: memory-map the index file instead of reading it (large indexes).
-        precision: query encoder precision (default: the one the index was built with).
     """
 
-    def __init__(self, folder: str | Path, *, embedder: Embedder | None = None,
-                 device: str = "auto", nprobe: int | None = None, ef_search: int | None = None,
-                 mmap: bool = False, precision: str | None = None):
-        self.folder = Path(folder)
-        self.manifest: Manifest = read_manifest(self.folder)
-        self.embedder = embedder or embedder_from_manifest(
-            self.manifest, **({"precision": precision} if precision else {}))
-        check_embedder(self.manifest, self.embedder, self.folder)
-        self.store = PassageStore(self.folder / STORE_FILE, readonly=True)
-        self.index = FaissIndex.load(self.folder / INDEX_FILE, metric=self.manifest.metric,
-                                     device=device, mmap=mmap)
+    def __init__(self, embedder: Embedder, index: VectorIndex, store: PassageStore, *,
+                 manifest: Manifest | None = None, folder: str | Path | None = None,
+                 nprobe: int | None = None, ef_search: int | None = None):
+        self.embedder, self.index, self.store = embedder, index, store
+        self.manifest, self.folder = manifest, Path(folder) if folder is not None else None
         self.nprobe, self.ef_search = nprobe, ef_search
+        self.deleted = np.asarray(store.deleted_rows(), dtype=np.int64)
+
+    @classmethod
+    def from_folder(cls, folder: str | Path, *, embedder: Embedder | None = None, device: str = "auto",
+                    nprobe: int | None = None, ef_search: int | None = None, mmap: bool = False,
+                    precision: str | None = None) -> DenseRetriever:
+        """Open an index folder made by `build_index`.
+
+        Args:
+            embedder: defaults to the one named in the manifest; another one is refused.
+            device: ``auto`` (GPU when faiss-gpu sees one), ``cpu`` or ``gpu``.
+            mmap: memory-map the index file instead of reading it (large indexes).
+            precision: query encoder precision (default: the one the index was built with).
+        """
+        folder = Path(folder)
+        manifest = read_manifest(folder)
+        check_sizes(folder)
+        embedder = embedder or embedder_from_manifest(manifest, **({"precision": precision} if precision else {}))
+        check_embedder(manifest, embedder, folder)
+        store = PassageStore(folder / STORE_FILE, readonly=True)
+        index = FaissIndex.load(folder / INDEX_FILE, metric=manifest.metric, device=device, mmap=mmap)
+        return cls(embedder, index, store, manifest=manifest, folder=folder, nprobe=nprobe, ef_search=ef_search)
 
     def search_vectors(self, vectors: np.ndarray, top_k: int = 10, *,
                        filter: Filter | None = None, nprobe: int | None = None,
@@ -98,8 +114,9 @@ class DenseRetriever(_Base):
         if rows is not None and not rows:
             return [[] for _ in range(len(vectors))]
         scores, ids = self.index.search(vectors, top_k, nprobe=nprobe or self.nprobe,
-                                        ef_search=ef_search or self.ef_search, rows=rows)
-        if self.manifest.metric == "l2":
+                                        ef_search=ef_search or self.ef_search, rows=rows,
+                                        exclude=self.deleted if len(self.deleted) else None)
+        if self.index.metric == "l2":
             scores = -scores  # distances -> higher is better
         return [self._hits(i, s) for i, s in zip(ids, scores, strict=True)]
 
@@ -113,8 +130,8 @@ class DenseRetriever(_Base):
 class BM25Retriever(_Base):
     """Lexical BM25 (bm25s, Lucene variant, English stopwords) over an index folder's passages.
 
-    The BM25 index is built from the passage store on first use and saved in ``bm25/`` inside
-    the folder (invalidated when the passage count changes, e.g. after ``rag index add``).
+    The BM25 index is built from the passage store's live passages on first use and saved in
+    ``bm25/`` inside the folder (rebuilt after any change to the index).
     """
 
     def __init__(self, folder: str | Path, *, k1: float = 1.5, b: float = 0.75,
@@ -127,40 +144,45 @@ class BM25Retriever(_Base):
         logging.getLogger("bm25s").setLevel(logging.WARNING)
         self.folder = Path(folder)
         self.manifest = read_manifest(self.folder)
+        check_sizes(self.folder)
         self.store = PassageStore(self.folder / STORE_FILE, readonly=True)
         self.stopwords = stopwords
-        self.model = self._load_or_build(k1, b)
+        self.model, self.rows = self._load_or_build(k1, b)
 
-    def _load_or_build(self, k1: float, b: float) -> Any:
+    def _load_or_build(self, k1: float, b: float) -> tuple[Any, np.ndarray]:
+        """The BM25 model and, per BM25 document, its store row."""
         bm25s, cache = self._bm25s, self.folder / "bm25"
-        stamp = f"{self.manifest.passages}:{k1}:{b}:{self.stopwords}"
+        m = self.manifest
+        stamp = f"{m.passages}:{m.deleted}:{m.built_at}:{len(m.history)}:{k1}:{b}:{self.stopwords}"
         if (cache / "stamp").exists() and (cache / "stamp").read_text() == stamp:
-            return bm25s.BM25.load(str(cache), show_progress=False, verbosity=0)
+            return bm25s.BM25.load(str(cache), show_progress=False, verbosity=0), np.load(cache / "rows.npy")
         log.info("building the BM25 index of %s (%d passages)", self.folder, len(self.store))
-        tokens = bm25s.tokenize([passage_text(p.title, p.text) for p in self.store.iter_passages()],
-                                stopwords=self.stopwords, show_progress=False)
+        rows, texts = [], []
+        for row, p in self.store.iter_rows():
+            rows.append(row)
+            texts.append(passage_text(p.title, p.text))
+        tokens = bm25s.tokenize(texts, stopwords=self.stopwords, show_progress=False)
         model = bm25s.BM25(k1=k1, b=b)
         model.index(tokens, show_progress=False)
         tmp = self.folder / "bm25.tmp"
         shutil.rmtree(tmp, ignore_errors=True)
         try:
             model.save(str(tmp), show_progress=False)
+            np.save(tmp / "rows.npy", np.asarray(rows, dtype=np.int64))
             (tmp / "stamp").write_text(stamp)
             shutil.rmtree(cache, ignore_errors=True)
             os.rename(tmp, cache)
         except OSError as e:  # a read-only index folder still serves, just without the cache
             log.warning("could not cache the BM25 index in %s: %s", cache, e)
-        return model
+        return model, np.asarray(rows, dtype=np.int64)
 
     def search_batch(self, queries: Sequence[str], top_k: int = 10, *,
                      filter: Filter | None = None) -> list[list[Hit]]:
         _check_top_k(top_k)
-        n = len(self.store)
+        n = len(self.rows)
         mask = None
         if filter:
-            rows = self.store.rows_matching(filter)
-            mask = np.zeros(n, dtype=np.float32)
-            mask[rows] = 1.0
+            mask = np.isin(self.rows, self.store.rows_matching(filter)).astype(np.float32)
         k = min(top_k, n)
         out: list[list[Hit]] = []
         for q in queries:  # one at a time: bm25s fails on queries with no known token
@@ -173,7 +195,7 @@ class BM25Retriever(_Base):
                                               k=k, show_progress=False, weight_mask=mask,
                                               n_threads=1)
             keep = [(int(i), float(s)) for i, s in zip(ids[0], scores[0], strict=True) if s > 0]
-            out.append(self._hits([i for i, _ in keep], [s for _, s in keep]))
+            out.append(self._hits([int(self.rows[i]) for i, _ in keep], [s for _, s in keep]))
         return out
 
 
@@ -237,7 +259,7 @@ def sibling_retriever(retriever: Retriever, mode: Mode, *, device: str = "auto",
                           "retrieval mode can be searched")
 
     def dense_part() -> DenseRetriever:
-        return dense if isinstance(dense, DenseRetriever) else DenseRetriever(folder, device=device)
+        return dense if isinstance(dense, DenseRetriever) else DenseRetriever.from_folder(folder, device=device)
 
     def bm25_part() -> BM25Retriever:
         return bm25 if isinstance(bm25, BM25Retriever) else BM25Retriever(folder)
@@ -257,10 +279,10 @@ def load_retriever(folder: str | Path, mode: Mode = "dense", *, device: str = "a
     """A retriever over an index folder: ``dense``, ``bm25`` or ``hybrid`` (``fusion``: the
     keyword arguments of `HybridRetriever`)."""
     if mode == "dense":
-        return DenseRetriever(folder, embedder=embedder, device=device, **kwargs)
+        return DenseRetriever.from_folder(folder, embedder=embedder, device=device, **kwargs)
     if mode == "bm25":
         return BM25Retriever(folder)
     if mode == "hybrid":
-        return HybridRetriever(DenseRetriever(folder, embedder=embedder, device=device, **kwargs),
+        return HybridRetriever(DenseRetriever.from_folder(folder, embedder=embedder, device=device, **kwargs),
                                BM25Retriever(folder), **(fusion or {}))
     raise ConfigError(f"unknown retrieval mode {mode!r}; use dense, bm25 or hybrid")

@@ -59,6 +59,15 @@ def grid() -> list[dict[str, Any]]:
             for a, b, c, d, e in itertools.product(rel, sup, use, (True, False), ret)]
 
 
+def screen_grid() -> list[dict[str, Any]]:
+    """``candidates: 1``: only the screen's ``w_rel*s_rel + w_ret/rank`` picks the passage (the one
+    candidate generated), so only those two weights matter."""
+    rel = (0.0, 0.25, 0.5, 1.0, 2.0, 4.0)
+    ret = (0.0, 0.25, 0.5, 1.0, 2.0, 4.0, 8.0)
+    return [{"w_rel": a, "w_sup": 0.0, "w_use": 0.0, "use_seq": False, "w_ret": e}
+            for a, e in itertools.product(rel, ret) if a or e]
+
+
 def read_records(path: Path) -> tuple[Path, list[dict[str, Any]]]:
     """A rag eval run's predictions.jsonl (given it or its pipeline folder) and its records."""
     file = path / "predictions.jsonl" if path.is_dir() else path
@@ -82,10 +91,14 @@ def read_predictions(path: Path) -> list[dict[str, Any]]:
 
 
 def tune(records: Sequence[dict[str, Any]], *, metric: str = "match", held_out: float = 0.5,
-         seed: int = 0, baseline: Sequence[dict[str, Any]] | None = None) -> dict[str, Any]:
+         seed: int = 0, baseline: Sequence[dict[str, Any]] | None = None, screen: bool = False) -> dict[str, Any]:
     """The weights that maximise ``metric`` on the tuning split (ties: the simplest, first in
     the grid), and each reference weighting on both splits; ``baseline`` (another pipeline's
-    records on the same questions, e.g. naive RAG) is scored on the same two splits."""
+    records on the same questions, e.g. naive RAG) is scored on the same two splits.
+
+    ``screen``: tune the relevance screen of ``candidates: 1`` instead (from a run with every
+    candidate: the screened pick is the candidate the screen ranks first); the weights then
+    hold ``candidates``, ``w_rel`` and ``w_ret``."""
     if metric not in METRICS:
         raise ConfigError(f"unknown metric {metric!r}; use {', '.join(METRICS)}")
     questions = [Question(r, metric) for r in records]
@@ -93,7 +106,7 @@ def tune(records: Sequence[dict[str, Any]], *, metric: str = "match", held_out: 
     if len(tuning) < 10 or not held:
         raise ConfigError(f"only {len(tuning)} tuning and {len(held)} held-out questions; run rag eval on "
                           "more questions (at least 20) or change --held-out")
-    best = max(grid(), key=lambda w: value(tuning, w))
+    best = max(screen_grid() if screen else grid(), key=lambda w: value(tuning, w))
 
     def row(w: dict[str, Any]) -> dict[str, float]:
         return {"tune": value(tuning, w), "held_out": value(held, w)}
@@ -101,7 +114,8 @@ def tune(records: Sequence[dict[str, Any]], *, metric: str = "match", held_out: 
     def ceiling(qs: Sequence[Question]) -> float:
         return sum(max(q.values) for q in qs) / len(qs)
 
-    result = {"weights": best, "metric": metric, "tune_questions": len(tuning), "held_out_questions": len(held),
+    weights = {"candidates": 1, "w_rel": best["w_rel"], "w_ret": best["w_ret"]} if screen else best
+    result = {"weights": weights, "metric": metric, "tune_questions": len(tuning), "held_out_questions": len(held),
               "tuned": row(best), "paper": row(PAPER), "top_ranked": row(TOP_RANKED),
               "oracle": {"tune": ceiling(tuning), "held_out": ceiling(held)}}
     if baseline is not None:

@@ -1,6 +1,7 @@
 """Index folders: vector indexes (`vectors`), the folder and its manifest (`folder`), build
 checkpoints (`checkpoints`), local builds (`build`), Ray builds (`ray`), and changes after a
-build (`update`: delete, upsert, sync, compact)."""
+build (`update`: delete, upsert, sync, compact), importing FAISS indexes made elsewhere
+(`importing`)."""
 
 from rag.index.build import build_index
 from rag.index.folder import (
@@ -15,11 +16,12 @@ from rag.index.folder import (
     read_manifest,
     verify,
 )
+from rag.index.importing import import_index
 from rag.index.update import add_to_index, compact, delete, sync, upsert
 from rag.index.vectors import FaissIndex, NumpyFlatIndex, VectorIndex, import_faiss
 
 __all__ = [
     "INDEX_FILE", "MANIFEST_FILE", "REPORT_FILE", "STORE_FILE", "FaissIndex", "Manifest", "NumpyFlatIndex",
     "VectorIndex", "add_to_index", "build_index", "check_embedder", "compact", "delete", "embedder_from_manifest",
-    "folder_size", "import_faiss", "read_manifest", "sync", "upsert", "verify",
+    "folder_size", "import_faiss", "import_index", "read_manifest", "sync", "upsert", "verify",
 ]

@@ -11,13 +11,12 @@ import json
 import logging
 import shutil
 import time
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from rag.config import IndexRecipe
 from rag.corpus import ReadReport, corpus_fingerprint, iter_records
 from rag.embedding import Embedder, identity
-from rag.errors import ConfigError, IndexCorruptError
+from rag.errors import ConfigError
 from rag.index.checkpoints import Shards, encode_into
 from rag.index.folder import (
     INDEX_FILE,
@@ -26,9 +25,7 @@ from rag.index.folder import (
     STORE_FILE,
     Manifest,
     atomic_write_json,
-    check_embedder,
     embedder_for,
-    embedder_from_manifest,
     publish,
     read_manifest,
     versions,
@@ -126,7 +123,7 @@ def build_index(recipe: IndexRecipe, *, embedder: Embedder | None = None,
         name=recipe.name, embedder=identity(embedder), factory=recipe.factory,
         metric=recipe.metric, passages=count,
         corpora=[{"path": str(recipe.corpus), "format": recipe.format, "fingerprint": fingerprint,
-                  "passages": count}],
+                  "passages": count, "chunk_size": recipe.chunk_size, "chunk_stride": recipe.chunk_stride}],
         versions=versions(), built_at=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         build_seconds=round(time.time() - t0, 3), build_key=key)
     atomic_write_json(partial / REPORT_FILE, {"corpora": [report.to_json()]})

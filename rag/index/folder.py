@@ -30,7 +30,7 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from rag.config import IndexRecipe
-from rag.embedding import Embedder, identity, load_embedder
+from rag.embedding import Embedder, identity, load_embedder, resolve_prompts
 from rag.errors import IndexCorruptError, IndexMismatchError, IndexNotFoundError
 
 log = logging.getLogger(__name__)
@@ -110,8 +110,10 @@ def check_embedder(manifest: Manifest, embedder: Embedder, folder: str | Path) -
 
 
 def embedder_for(recipe: IndexRecipe) -> Embedder:
-    return load_embedder(recipe.embedder, normalize=recipe.normalize,
-                         query_prompt=recipe.query_prompt, passage_prompt=recipe.passage_prompt,
+    """The recipe's encoder with its prompts resolved (`rag.embedding.resolve_prompts`); the
+    manifest records them and queries use them."""
+    query, passage = resolve_prompts(recipe.embedder, recipe.prompts, recipe.query_prompt, recipe.passage_prompt)
+    return load_embedder(recipe.embedder, normalize=recipe.normalize, query_prompt=query, passage_prompt=passage,
                          precision=recipe.precision)
 
 
@@ -152,7 +154,8 @@ def verify(folder: str | Path, *, checksums: bool = True) -> list[str]:
         if not path.exists():
             problems.append(f"{path}: missing")
         elif path.stat().st_size != rec["bytes"]:
-            problems.append(f"{path}: {path.stat().st_size} bytes, the manifest recorded {rec['bytes']} (truncated or overwritten)")
+            problems.append(f"{path}: {path.stat().st_size} bytes, the manifest recorded {rec['bytes']} "
+                            "(truncated or overwritten)")
         elif checksums and sha256(path) != rec["sha256"]:
             problems.append(f"{path}: sha256 differs from the manifest (corrupted)")
     return problems

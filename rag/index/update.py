@@ -43,7 +43,12 @@ from rag.index.folder import (
 from rag.index.vectors import FaissIndex
 from rag.store import PassageStore
 
-LOSSLESS = ("Flat", "HNSW", "IVF")  # factories whose stored vectors reconstruct exactly (with ,Flat codes)
+
+def lossless(factory: str) -> bool:
+    """Whether the index stores its vectors exactly (Flat, HNSW<M>[,Flat], IVF<n>,Flat)."""
+    parts = factory.split(",")
+    return factory == "Flat" or (parts[0].startswith(("HNSW", "IVF")) and parts[-1] in ("Flat", parts[0])
+                                 and not (parts[0].startswith("IVF") and len(parts) == 1))
 
 
 def _key(out: Path, manifest: Manifest, op: str, *args: Any) -> str:
@@ -52,12 +57,9 @@ def _key(out: Path, manifest: Manifest, op: str, *args: Any) -> str:
     return hashlib.sha256(json.dumps(parts).encode()).hexdigest()[:16]
 
 
-def work_copy(out: Path, key: str, *, resume: bool = True) -> Path:
-    """The work folder of change ``key``: the one an interrupted run of it left (``resume``),
-    else a new copy."""
+def work_copy(out: Path, key: str) -> Path:
+    """The work folder of change ``key``: the one an interrupted run of it left, else a new copy."""
     work = out.with_name(out.name + ".partial")
-    if work.exists() and not resume:
-        shutil.rmtree(work)
     if work.exists():
         try:
             with PassageStore(work / STORE_FILE) as s:
@@ -109,12 +111,13 @@ def delete(folder: str | Path, ids: Sequence[str] = (), *, sources: Sequence[str
     manifest = read_manifest(out)
     if not ids and not sources:
         raise ConfigError("nothing to delete: give --ids, --ids-file or --source")
+    shutil.rmtree(out.with_name(out.name + ".partial"), ignore_errors=True)  # deletes start over
     with PassageStore(out / STORE_FILE, readonly=True) as s:
         wanted = _ids_for(s, ids, sources)
         present = list(s.texts(wanted))
     if not present:
         return manifest  # nothing there (or a rerun after the change landed)
-    work = work_copy(out, _key(out, manifest, "delete", sorted(present)), resume=False)
+    work = work_copy(out, _key(out, manifest, "delete", sorted(present)))
     with PassageStore(work / STORE_FILE) as s:
         rows = s.delete(present)
     return _finish(work, out, manifest, {"op": "delete", "deleted": len(rows),
@@ -156,6 +159,7 @@ def _replace(store: PassageStore, batch: list[Record], records_done: int, key: s
 
 def upsert(folder: str | Path, corpus: str | Path, *, format: str = "auto", embedder: Embedder | None = None,
            batch_size: int = 256, skip_bad_lines: bool = False, progress: bool = True,
+           chunk_size: int = 100, chunk_stride: int | None = None,
            mode: Literal["add", "upsert", "sync"] = "upsert") -> Manifest:
     """Add the corpus's new passages and replace the changed ones (re-encoding only those).
 
@@ -169,14 +173,16 @@ def upsert(folder: str | Path, corpus: str | Path, *, format: str = "auto", embe
     embedder = embedder or embedder_from_manifest(manifest)
     check_embedder(manifest, embedder, out)
     fingerprint = corpus_fingerprint(corpus, format)
-    work = work_copy(out, _key(out, manifest, mode, str(corpus), format, fingerprint, skip_bad_lines))
+    work = work_copy(out, _key(out, manifest, mode, str(corpus), format, fingerprint, skip_bad_lines,
+                               chunk_size, chunk_stride))
     counts = {"added": 0, "changed": 0, "unchanged": 0}
     seen: set[str] = set()
     report = ReadReport()
     with PassageStore(out / STORE_FILE, readonly=True) as original, \
             PassageStore(work / STORE_FILE) as store:
         base = int(store.get_state("base") or 0)
-        records = iter_records(corpus, format, skip_bad_lines=skip_bad_lines, report=report)
+        records = iter_records(corpus, format, skip_bad_lines=skip_bad_lines, report=report,
+                               chunk_size=chunk_size, chunk_stride=chunk_stride)
         if mode != "add":
             records = _changed(records, original, seen, counts)
         encode_into(work, store, records, embedder, batch_size, manifest.name, store.get_state("key") or "",
@@ -192,17 +198,19 @@ def upsert(folder: str | Path, corpus: str | Path, *, format: str = "auto", embe
         shutil.rmtree(work)
         return manifest
     index = FaissIndex.load(work / INDEX_FILE, metric=manifest.metric, device="cpu")
-    if index.ntotal != base:
+    if index.ntotal == base:  # (== count: an interrupted run already added them)
+        for vecs in Shards(work).iter(base, count):
+            index.add(vecs)
+        index.save(work / INDEX_FILE)
+    elif index.ntotal != count:
         raise IndexCorruptError(f"{out / INDEX_FILE}: holds {index.ntotal} vectors, the store {base} rows; "
                                 "rebuild the index")
-    for vecs in Shards(work).iter(base, count):
-        index.add(vecs)
-    index.save(work / INDEX_FILE)
     prev = json.loads((work / REPORT_FILE).read_text()) if (work / REPORT_FILE).exists() else {}
     atomic_write_json(work / REPORT_FILE, {"corpora": prev.get("corpora", []) + [report.to_json()]})
     corpora = [c for c in manifest.corpora if c["path"] != str(corpus)]
     corpora.append({"path": str(corpus), "format": format, "fingerprint": fingerprint,
-                    "passages": counts["added"] + counts["changed"] + counts["unchanged"]})
+                    "passages": counts["added"] + counts["changed"] + counts["unchanged"],
+                    "chunk_size": chunk_size, "chunk_stride": chunk_stride})
     return _finish(work, out, manifest, {"op": mode, "corpus": str(corpus), "fingerprint": fingerprint,
                                          **counts, "removed": len(removed)}, t0, corpora=corpora)
 
@@ -224,7 +232,7 @@ def sync(folder: str | Path, *, progress: bool = True, embedder: Embedder | None
         if corpus_fingerprint(path, c.get("format", "auto")) == c.get("fingerprint"):
             continue
         manifest = upsert(folder, path, format=c.get("format", "auto"), embedder=embedder, progress=progress,
-                          mode="sync")
+                          chunk_size=c.get("chunk_size", 100), chunk_stride=c.get("chunk_stride"), mode="sync")
     return manifest
 
 
@@ -234,13 +242,14 @@ def compact(folder: str | Path) -> Manifest:
     t0 = time.time()
     out = Path(folder)
     manifest = read_manifest(out)
+    shutil.rmtree(out.with_name(out.name + ".partial"), ignore_errors=True)  # compaction starts over
     if manifest.deleted == 0:
         return manifest
-    if not manifest.factory.startswith(LOSSLESS) or ("IVF" in manifest.factory and not manifest.factory.endswith(",Flat")):
+    if not lossless(manifest.factory):
         raise ConfigError(f"{out}: {manifest.factory} stores lossy codes, so its vectors cannot be re-added "
                           "exactly; deleted rows stay skipped (searches are exact); rebuild with rag index build "
                           "to reclaim the space")
-    work = work_copy(out, _key(out, manifest, "compact"), resume=False)  # cheap: start over
+    work = work_copy(out, _key(out, manifest, "compact"))
     index = FaissIndex.load(work / INDEX_FILE, metric=manifest.metric, device="cpu")
     with PassageStore(work / STORE_FILE) as store:
         live = store.live_rows()

@@ -22,6 +22,7 @@ from rag.errors import ConfigError, missing_extra
 log = logging.getLogger(__name__)
 
 GPU_MAX_K = 2048  # faiss-gpu's limit on k (and nprobe)
+Rows = Sequence[int] | np.ndarray
 
 
 @runtime_checkable
@@ -39,10 +40,10 @@ class VectorIndex(Protocol):
     def add(self, vectors: np.ndarray) -> None: ...
 
     def search(self, queries: np.ndarray, k: int, *, nprobe: int | None = None,
-               ef_search: int | None = None, rows: Sequence[int] | None = None,
-               exclude: Sequence[int] | None = None) -> tuple[np.ndarray, np.ndarray]: ...
+               ef_search: int | None = None, rows: Rows | None = None,
+               exclude: Rows | None = None) -> tuple[np.ndarray, np.ndarray]: ...
 
-    def vectors(self, rows: Sequence[int]) -> np.ndarray: ...
+    def vectors(self, rows: Rows) -> np.ndarray: ...
 
     def save(self, path: str | Path) -> None: ...
 
@@ -182,8 +183,8 @@ class FaissIndex:
         return params
 
     def search(self, queries: np.ndarray, k: int, *, nprobe: int | None = None,
-               ef_search: int | None = None, rows: Sequence[int] | None = None,
-               exclude: Sequence[int] | None = None) -> tuple[np.ndarray, np.ndarray]:
+               ef_search: int | None = None, rows: Rows | None = None,
+               exclude: Rows | None = None) -> tuple[np.ndarray, np.ndarray]:
         """Top-``k`` (scores, rows) for each query row; rows are -1 where fewer exist.
 
         Args:
@@ -201,7 +202,7 @@ class FaissIndex:
             fetch = k + len(excluded)
             if fetch > GPU_MAX_K or rows is not None:
                 log.warning("searching on CPU: %s", "filters are not supported on GPU" if rows is not None
-                            else "k plus deleted rows is beyond faiss-gpu's 2048")
+                            else "k > 2048 (counting deleted rows) is beyond faiss-gpu")
             else:
                 try:
                     if nprobe:
@@ -223,7 +224,7 @@ class FaissIndex:
         del inner  # the selector pointed at it until here
         return scores, ids
 
-    def vectors(self, rows: Sequence[int]) -> np.ndarray:
+    def vectors(self, rows: Rows) -> np.ndarray:
         """The stored vectors of ``rows`` (exact for Flat, HNSW and IVF-Flat; PQ/SQ codes decode
         to approximations)."""
         ivf = self.faiss.try_extract_index_ivf(self.cpu_index)
@@ -270,12 +271,12 @@ class NumpyFlatIndex:
     def add(self, vectors: np.ndarray) -> None:
         self.matrix = np.concatenate([self.matrix, np.asarray(vectors, np.float32)])
 
-    def vectors(self, rows: Sequence[int]) -> np.ndarray:
+    def vectors(self, rows: Rows) -> np.ndarray:
         return self.matrix[np.asarray(rows, dtype=np.int64)]
 
     def search(self, queries: np.ndarray, k: int, *, nprobe: int | None = None,
-               ef_search: int | None = None, rows: Sequence[int] | None = None,
-               exclude: Sequence[int] | None = None) -> tuple[np.ndarray, np.ndarray]:
+               ef_search: int | None = None, rows: Rows | None = None,
+               exclude: Rows | None = None) -> tuple[np.ndarray, np.ndarray]:
         q = np.asarray(queries, np.float32)
         if self.metric == "ip":
             scores = q @ self.matrix.T

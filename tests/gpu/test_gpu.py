@@ -63,7 +63,7 @@ def test_index_build_and_search_with_the_gpu_encoder(tmp_path: Path) -> None:
     m = build_index(IndexRecipe(name="g", corpus=str(corpus), out=str(tmp_path / "idx"), embedder=path,
                                 precision="auto"), progress=False)
     assert m.embedder["precision"] == "fp16"
-    r = DenseRetriever(tmp_path / "idx")
+    r = DenseRetriever.from_folder(tmp_path / "idx")
     assert r.embedder.precision == "fp16"  # queries encoded like the passages
     stored = r.index.cpu_index.reconstruct_n(0, len(texts))
     fresh = r.embedder.encode_passages(texts)

@@ -110,7 +110,7 @@ def test_pipeline_with_vllm_answers_from_retrieved_passage(vllm_smollm: Any, tmp
     config = ChatPipelineConfig(name="t", retrieval={"top_k": 1},
                             prompt={"format": "hf_template", "context_position": "user"},
                             generation={"max_new_tokens": 24})
-    pipe = ChatRagPipeline(config, vllm_smollm, DenseRetriever(tmp_path / "idx"))
+    pipe = ChatRagPipeline(config, vllm_smollm, DenseRetriever.from_folder(tmp_path / "idx"))
     answer = pipe.ask(QUESTION)
     assert "Kelmora" in answer.text and answer.citations[0].id == "z"
 

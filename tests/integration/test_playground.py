@@ -90,7 +90,7 @@ def chat_server(index: Path, hf_smollm: Any, runs_dir: Path) -> Iterator[str]:
     config = ChatPipelineConfig(name="smollm-rag", retrieval={"mode": "dense", "top_k": 2},
                                 prompt={"format": "hf_template", "context_position": "user"},
                                 generation={"max_new_tokens": 40})
-    pipe = ChatRagPipeline(config, hf_smollm, DenseRetriever(index))
+    pipe = ChatRagPipeline(config, hf_smollm, DenseRetriever.from_folder(index))
     with running(create_app(pipe, api_key=KEY, runs_dir=runs_dir)) as base:
         yield base
 
@@ -100,7 +100,7 @@ def selfrag_server(index: Path, hf_smollm: Any) -> Iterator[str]:
     config = SelfRagPipelineConfig(name="selfrag-critic", kind="selfrag", retrieval={"top_k": 2},
                                    prompt={"format": "hf_template"}, generation={"max_new_tokens": 24},
                                    selfrag={"mode": "always", "critic": "prompted"})
-    pipe = SelfRagPipeline(config, hf_smollm, DenseRetriever(index))
+    pipe = SelfRagPipeline(config, hf_smollm, DenseRetriever.from_folder(index))
     with running(create_app(pipe)) as base:
         yield base
 

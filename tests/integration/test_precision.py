@@ -77,7 +77,7 @@ def test_int8_index_records_precision_and_queries_match(tmp_path: Path, abstract
     queries = [t.split("\n")[0] for t in abstracts[:12]]  # each abstract's title finds it
     top1 = {}
     for p in ("fp32", "int8"):
-        retriever = DenseRetriever(tmp_path / p)
+        retriever = DenseRetriever.from_folder(tmp_path / p)
         assert retriever.embedder.precision == p  # queries encoded like the passages
         top1[p] = [hits[0].passage.id for hits in retriever.search_batch(queries, 1)]
     assert top1["int8"] == top1["fp32"] == [f"d{i}" for i in range(12)]

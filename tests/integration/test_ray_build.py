@@ -108,7 +108,8 @@ def _contents(folder: Path) -> tuple[list[tuple[object, ...]], np.ndarray, dict[
         rows = db.execute("SELECT * FROM passages ORDER BY rowid").fetchall()
     index = faiss.read_index(str(folder / "index.faiss"))
     manifest = json.loads((folder / "manifest.json").read_text())
-    for volatile in ("built_at", "build_seconds", "name"):  # name: from the folder
+    # name: from the folder; files: checksums of bytes that differ within atol
+    for volatile in ("built_at", "build_seconds", "name", "files"):
         manifest.pop(volatile)
     return rows, index.reconstruct_n(0, index.ntotal), manifest
 
@@ -199,7 +200,7 @@ WORKER_ERROR_SCRIPT = """
 import json, sys
 from pathlib import Path
 from rag.corpus import iter_records
-from rag.distributed import RayOptions, encode_with_ray
+from rag.index.ray import RayOptions, encode_with_ray
 from rag.errors import ConfigError
 from rag.store import PassageStore
 

@@ -81,7 +81,7 @@ def test_sciphi_flow_and_prompted_critic_over_a_server(server: str, index: Path,
     """The SciPhi flow and the prompted critic answer as the same engine does in-process."""
     local = request.getfixturevalue("vllm_smollm" if server == "vllm" else "hf_smollm")
     remote = request.getfixturevalue("remote_smollm" if server == "vllm" else "remote_rag")
-    retriever = DenseRetriever(index)
+    retriever = DenseRetriever.from_folder(index)
     convos = [[ChatMessage(role="user", content=q)] for q in QUESTIONS]
     for make in (lambda g: ChatRagPipeline(chat_config("sciphi"), g, retriever),
                  lambda g: SelfRagPipeline(critic_config(), g, retriever)):
@@ -105,7 +105,7 @@ def test_rag_ask_through_vllm_serve(vllm_server_smollm: str, smollm_path: Path, 
                         f"            tokenizer: {json.dumps(str(smollm_path))}}}\n"
                         "prompt: {format: hf_template, context_position: user}\ngeneration: {max_new_tokens: 24}\n")
     out = json.loads(run_cli("ask", QUESTIONS[0], "-p", str(pipeline), "--index", str(index), "--json").stdout)
-    want = ChatRagPipeline(chat_config("hf_template"), vllm_smollm, DenseRetriever(index)).ask(QUESTIONS[0])
+    want = ChatRagPipeline(chat_config("hf_template"), vllm_smollm, DenseRetriever.from_folder(index)).ask(QUESTIONS[0])
     assert out["answer"] == want.text and "Kelmora" in out["answer"]
     assert [c["id"] for c in out["citations"]] == [c.id for c in want.citations]
 
@@ -132,7 +132,7 @@ def test_gateway_without_logprob_token_ids(vllm_server_smollm: str, vllm_server_
         tiny = OpenAIGenerator(str(tiny_selfrag), base_url=base + "/v1").load()
         try:
             assert plain.exact_token_logprobs is False
-            retriever = DenseRetriever(index)
+            retriever = DenseRetriever.from_folder(index)
             convos = [[ChatMessage(role="user", content=q)] for q in QUESTIONS]
             chat = ChatRagPipeline(chat_config("hf_template"), remote_smollm, retriever).answer_batch(convos)
             assert [a.text for a in chat] == [

@@ -26,7 +26,7 @@ def dpr_index(shared_data: Path, tmp_path_factory: pytest.TempPathFactory) -> Pa
 
 
 def test_dpr_sample_builds_and_finds_passages_by_paraphrase(dpr_index: Path) -> None:
-    r = DenseRetriever(dpr_index)
+    r = DenseRetriever.from_folder(dpr_index)
     assert r.index.ntotal == 1000 and r.manifest.embedder["dim"] == 384
     hits = r.search("Who was the lobbyist for Genentech who started as a White House intern?", 5)
     assert hits[0].passage.title == "Evan Morris"
@@ -45,12 +45,12 @@ def test_dense_scores_match_raw_sentence_transformers(dpr_index: Path) -> None:
     qv = raw.encode([q], normalize_embeddings=True)
     pv = raw.encode([f"{p.title}\n{p.text}" for p in passages], normalize_embeddings=True)
     expected = (qv @ pv.T)[0]
-    got = {h.passage.id: h.score for h in DenseRetriever(dpr_index).search(q, 1000)}
+    got = {h.passage.id: h.score for h in DenseRetriever.from_folder(dpr_index).search(q, 1000)}
     np.testing.assert_allclose([got[p.id] for p in passages], expected, atol=1e-4)
 
 
 def test_batch_search_equals_single_search(dpr_index: Path) -> None:
-    r = DenseRetriever(dpr_index)
+    r = DenseRetriever.from_folder(dpr_index)
     qs = ["history of the algonquin language", "a famous football match", "chemistry of metals"]
     batch = r.search_batch(qs, 4)
     for q, hits in zip(qs, batch):
@@ -99,7 +99,7 @@ def test_langchain_retriever_invoke_batch_and_lcel(dpr_index: Path) -> None:
 
     from rag.integrations.langchain import RagRetriever
 
-    lc = RagRetriever(retriever=DenseRetriever(dpr_index), top_k=3)
+    lc = RagRetriever(retriever=DenseRetriever.from_folder(dpr_index), top_k=3)
     docs = lc.invoke("Genentech lobbyist")
     assert len(docs) == 3 and docs[0].metadata["title"] == "Evan Morris"
     assert docs[0].id == docs[0].metadata["id"] and docs[0].metadata["rank"] == 1
@@ -109,3 +109,95 @@ def test_langchain_retriever_invoke_batch_and_lcel(dpr_index: Path) -> None:
     assert batch[0][0].page_content == docs[0].page_content
     chain = lc | RunnableLambda(lambda ds: [d.metadata["title"] for d in ds])
     assert chain.invoke("Genentech lobbyist")[0] == "Evan Morris"
+
+
+def test_encoder_declared_prompts_and_presets_reach_the_manifest_and_the_queries(tmp_path: Path) -> None:
+    """A local encoder folder that declares prompts (sentence-transformers `prompts`) is used
+    with them unless the recipe names a preset; queries are encoded with the index's prompts."""
+    import shutil
+
+    from sentence_transformers import SentenceTransformer
+
+    from rag.embedding import resolve_embedder_path
+    from rag.index import read_manifest
+
+    model = tmp_path / "e5-like"
+    shutil.copytree(resolve_embedder_path("all-MiniLM-L6-v2"), model)
+    config = json.loads((model / "config_sentence_transformers.json").read_text())
+    config["prompts"] = {"query": "query: ", "document": "passage: "}
+    (model / "config_sentence_transformers.json").write_text(json.dumps(config))
+    corpus = tmp_path / "c.jsonl"
+    texts = ["The Eiffel Tower is in Paris.", "Mount Fuji is in Japan.", "The Nile flows through Egypt.",
+             "Bananas are yellow.", "Python is a programming language."]
+    corpus.write_text("".join(json.dumps({"id": f"d{i}", "title": "", "text": t}) + "\n" for i, t in enumerate(texts)))
+
+    def build(out: str, **kw: str) -> dict[str, str]:
+        build_index(IndexRecipe(name=out, corpus=str(corpus), out=str(tmp_path / out), embedder=str(model), **kw),
+                    progress=False)
+        return read_manifest(tmp_path / out).embedder
+
+    declared = build("declared")
+    assert (declared["query_prompt"], declared["passage_prompt"]) == ("query: ", "passage: ")
+    assert (build("none", prompts="none")["query_prompt"], build("bge", prompts="bge")["query_prompt"]) == (
+        "", "Represent this sentence for searching relevant passages: ")
+    raw = SentenceTransformer(str(model), device="cpu")
+    q = "Which river is in Egypt?"
+    qv = raw.encode(["query: " + q], normalize_embeddings=True)[0]
+    pv = raw.encode(["passage: " + t for t in texts], normalize_embeddings=True)
+    want = sorted(((f"d{i}", float(s)) for i, s in enumerate(pv @ qv)), key=lambda x: -x[1])
+    got = [(h.passage.id, h.score) for h in DenseRetriever.from_folder(tmp_path / "declared").search(q, 5)]
+    assert [g[0] for g in got] == [w[0] for w in want]
+    np.testing.assert_allclose([g[1] for g in got], [w[1] for w in want], atol=1e-5)
+
+
+@pytest.mark.parametrize("layout", ["flashrag", "dpr"])
+def test_import_wraps_an_existing_faiss_index_and_answers_like_it(tmp_path: Path, layout: str) -> None:
+    """A FAISS index encoded elsewhere (FlashRAG: e5_Flat.index over the jsonl's contents; DPR:
+    psgs_w100.tsv) becomes an index folder without re-encoding, and answers like the raw index."""
+    import faiss
+    from sentence_transformers import SentenceTransformer
+
+    from rag.embedding import resolve_embedder_path
+    from rag.errors import ConfigError
+    from rag.index import import_index
+
+    data = Path(__file__).resolve().parents[3] / "shared" / "data"
+    if layout == "flashrag":
+        lines = (data / "flashrag-toy/sample_data.jsonl").read_text().splitlines()[:200]
+        corpus = tmp_path / "wiki18_100w.jsonl"
+        corpus.write_text("\n".join(lines) + "\n")
+        texts = [json.loads(line)["contents"] for line in lines]  # what FlashRAG encodes
+        ids = [json.loads(line)["id"] for line in lines]
+    else:
+        lines = (data / "dpr-wiki-sample/psgs_w100.flashrag_sample1000.tsv").read_text().splitlines()[:201]
+        corpus = tmp_path / "psgs_w100.tsv"
+        corpus.write_text("\n".join(lines) + "\n")
+        import csv
+
+        rows = list(csv.reader(lines[1:], delimiter="\t"))
+        texts = [f"{title}\n{text}" for _, text, title in rows]
+        ids = [r[0] for r in rows]
+    model = SentenceTransformer(resolve_embedder_path("all-MiniLM-L6-v2"), device="cpu")
+    raw = faiss.IndexFlatIP(384)
+    raw.add(model.encode(texts, normalize_embeddings=True))
+    faiss.write_index(raw, str(tmp_path / "e5_Flat.index"))
+
+    m = import_index(tmp_path / "e5_Flat.index", corpus, tmp_path / "idx", embedder="all-MiniLM-L6-v2")
+    assert (m.passages, m.factory, m.metric) == (200, "Flat", "ip") and m.history[0]["min_cosine"] >= 0.98
+    questions = ["who got the first nobel prize in physics", "what is the capital of france",
+                 "when was the eiffel tower built", "who wrote hamlet"]
+    r = DenseRetriever.from_folder(tmp_path / "idx")
+    scores, rows_ = raw.search(r.embedder.encode_queries(questions), 10)
+    for hits, s, i in zip(r.search_batch(questions, 10), scores, rows_, strict=True):
+        assert [h.passage.id for h in hits] == [ids[j] for j in i]
+        np.testing.assert_allclose([h.score for h in hits], s, rtol=1e-6)
+    # what the import refuses, naming the fix
+    short = tmp_path / f"short{corpus.suffix}"
+    short.write_text("\n".join(corpus.read_text().splitlines()[: 150 + (layout == "dpr")]) + "\n")  # + header
+    with pytest.raises(ConfigError, match=r"holds 150 passages .* holds 200 vectors"):
+        import_index(tmp_path / "e5_Flat.index", short, tmp_path / "bad", embedder="all-MiniLM-L6-v2")
+    with pytest.raises(ConfigError, match="holds 384-dimensional vectors, hash:32 makes 32"):
+        import_index(tmp_path / "e5_Flat.index", corpus, tmp_path / "bad", embedder="hash:32")
+    with pytest.raises(ConfigError, match=r"does not reproduce the stored vectors .*--prompts"):
+        import_index(tmp_path / "e5_Flat.index", corpus, tmp_path / "bad", embedder="hash:384")
+    assert not (tmp_path / "bad").exists()

@@ -42,7 +42,7 @@ def smollm_server(index: Path, hf_smollm: Any) -> Iterator[str]:
     config = ChatPipelineConfig(name="smollm-rag", retrieval={"top_k": 1},
                             prompt={"format": "hf_template", "context_position": "user"},
                             generation={"max_new_tokens": 24})
-    pipe = ChatRagPipeline(config, hf_smollm, DenseRetriever(index))
+    pipe = ChatRagPipeline(config, hf_smollm, DenseRetriever.from_folder(index))
     with running(create_app(pipe, api_key="sekret")) as base:
         yield base
 
@@ -102,7 +102,7 @@ def scripted(index: Path) -> ScriptedGenerator:
 def scripted_server(index: Path, scripted: ScriptedGenerator) -> Iterator[str]:
     config = ChatPipelineConfig(name="scripted", retrieval={"top_k": 1}, prompt={"format": "sciphi"},
                             generation={"stop": ["<paragraph>"], "max_new_tokens": 16})
-    pipe = ChatRagPipeline(config, scripted, DenseRetriever(index))
+    pipe = ChatRagPipeline(config, scripted, DenseRetriever.from_folder(index))
     limits = ServiceLimits(max_inflight=2, max_messages=4, max_message_chars=200, max_tokens=64,
                            max_body_bytes=4096, timeout_s=5)
     with running(create_app(pipe, limits=limits)) as base:
@@ -255,7 +255,7 @@ def test_selfrag_critic_pipeline_returns_reflection_scores(index: Path, hf_smoll
     config = SelfRagPipelineConfig(name="selfrag-critic", kind="selfrag", retrieval={"top_k": 2},
                             prompt={"format": "hf_template"}, generation={"max_new_tokens": 24},
                             selfrag={"mode": "always", "critic": "prompted"})
-    pipe = SelfRagPipeline(config, hf_smollm, DenseRetriever(index))
+    pipe = SelfRagPipeline(config, hf_smollm, DenseRetriever.from_folder(index))
     with running(create_app(pipe)) as base:
         r = client(base).chat.completions.create(model="selfrag-critic", messages=[
             {"role": "user", "content": "In which city is the Zorblax Prize awarded?"}])

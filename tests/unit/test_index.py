@@ -105,7 +105,7 @@ def test_build_then_search_exact_ids_filter_and_manifest(tmp_path: Path) -> None
     assert m.passages == 100 and m.embedder["name"] == "hash:32" and m.embedder["dim"] == 32
     assert m.corpora[0]["fingerprint"].startswith("sha256:")
     assert not (tmp_path / "idx.partial").exists()
-    r = DenseRetriever(tmp_path / "idx")
+    r = DenseRetriever.from_folder(tmp_path / "idx")
     # a passage's own text finds itself first
     target = next(p for p in PassageStore(tmp_path / "idx" / "passages.db").iter_passages()
                   if p.id == "p42")
@@ -130,7 +130,7 @@ def test_unchanged_rebuild_is_skipped_and_force_rebuilds(tmp_path: Path) -> None
 def test_index_refuses_a_different_embedder(tmp_path: Path) -> None:
     build_index(recipe(tmp_path, make_corpus(tmp_path / "c.jsonl", 20)), progress=False)
     with pytest.raises(IndexMismatchError, match=r"name: index has 'hash:32', got 'hash:16'.*rebuild"):
-        DenseRetriever(tmp_path / "idx", embedder=HashingEmbedder(16))
+        DenseRetriever.from_folder(tmp_path / "idx", embedder=HashingEmbedder(16))
 
 
 def test_failed_build_leaves_the_published_index_untouched(tmp_path: Path) -> None:
@@ -195,7 +195,7 @@ def test_ivf_pq_build_trains_on_a_sample(tmp_path: Path) -> None:
     corpus = make_corpus(tmp_path / "c.jsonl", 600)
     m = build_index(recipe(tmp_path, corpus, factory="IVF4,PQ4"), progress=False)
     assert m.passages == 600
-    r = DenseRetriever(tmp_path / "idx", nprobe=4)
+    r = DenseRetriever.from_folder(tmp_path / "idx", nprobe=4)
     assert len(r.search("alpha beta", 5)) == 5
 
 
@@ -204,7 +204,7 @@ def test_add_appends_without_rebuilding(tmp_path: Path) -> None:
     m = add_to_index(tmp_path / "idx", str(make_corpus(tmp_path / "b.jsonl", 10, start=40)),
                      progress=False)
     assert m.passages == 50 and len(m.corpora) == 2
-    r = DenseRetriever(tmp_path / "idx")
+    r = DenseRetriever.from_folder(tmp_path / "idx")
     assert r.index.ntotal == 50
     p = PassageStore(tmp_path / "idx" / "passages.db").get("p45")
     assert p is not None
@@ -268,7 +268,7 @@ def test_gpu_is_used_when_present_and_falls_back_to_cpu(monkeypatch: pytest.Monk
                                                          caplog: pytest.LogCaptureFixture,
                                                          tmp_path: Path) -> None:
     log: list[str] = []
-    monkeypatch.setattr("rag.index.import_faiss", lambda: fake_faiss(1, log))
+    monkeypatch.setattr("rag.index.vectors.import_faiss", lambda: fake_faiss(1, log))
     cpu, xb = _flat()
     idx = FaissIndex(cpu, device="auto")
     assert idx.on_gpu and log == ["cpu_to_gpu dev=0"]
@@ -283,6 +283,13 @@ def test_gpu_is_used_when_present_and_falls_back_to_cpu(monkeypatch: pytest.Monk
         _, ids = idx.search(xb[:2], 5, rows=[1, 2, 3])
     assert log == [] and "filters are not supported on GPU" in caplog.text
     assert set(ids.ravel()) == {1, 2, 3, -1}  # -1 pads the two empty slots
+    # deleted rows: the GPU fetches k + their count and drops them, equal to the CPU's exclusion
+    log.clear()
+    deleted = [0, 1, 5, 17]
+    scores, ids = idx.search(xb[:3], 6, exclude=deleted)
+    ref_scores, ref_ids = FaissIndex(cpu, device="cpu").search(xb[:3], 6, exclude=deleted)
+    assert log == ["gpu.search k=10"] and np.array_equal(ids, ref_ids) and not set(ids.ravel()) & set(deleted)
+    np.testing.assert_allclose(scores, ref_scores, rtol=1e-5)
     idx.add(xb[:10])
     idx.save(tmp_path / "i.faiss")
     assert log[-2:] == ["gpu.add", "gpu_to_cpu"]
@@ -291,7 +298,7 @@ def test_gpu_is_used_when_present_and_falls_back_to_cpu(monkeypatch: pytest.Monk
 
 def test_gpu_oom_falls_back_to_cpu(monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
     log: list[str] = []
-    monkeypatch.setattr("rag.index.import_faiss", lambda: fake_faiss(1, log, oom=True))
+    monkeypatch.setattr("rag.index.vectors.import_faiss", lambda: fake_faiss(1, log, oom=True))
     cpu, xb = _flat()
     idx = FaissIndex(cpu)
     with caplog.at_level(logging.WARNING):
@@ -301,14 +308,14 @@ def test_gpu_oom_falls_back_to_cpu(monkeypatch: pytest.MonkeyPatch, caplog: pyte
 
 def test_multi_gpu_shards_and_cpu_device_stays_on_cpu(monkeypatch: pytest.MonkeyPatch) -> None:
     log: list[str] = []
-    monkeypatch.setattr("rag.index.import_faiss", lambda: fake_faiss(4, log))
+    monkeypatch.setattr("rag.index.vectors.import_faiss", lambda: fake_faiss(4, log))
     assert FaissIndex(_flat()[0]).on_gpu and log == ["cpu_to_all_gpus ngpu=4 shard=True"]
     log.clear()
     assert not FaissIndex(_flat()[0], device="cpu").on_gpu and log == []
 
 
 def test_gpu_requested_without_gpu_is_a_clear_error(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr("rag.index.import_faiss", lambda: fake_faiss(0, []))
+    monkeypatch.setattr("rag.index.vectors.import_faiss", lambda: fake_faiss(0, []))
     with pytest.raises(ConfigError, match="faiss sees no GPU; install the 'gpu' extra"):
         FaissIndex(_flat()[0], device="gpu")
     assert not FaissIndex(_flat()[0], device="auto").on_gpu

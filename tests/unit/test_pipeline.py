@@ -41,7 +41,7 @@ def sciphi_config(**kw: object) -> ChatPipelineConfig:
 def test_sciphi_flow_exact_prompt_and_cleaned_answer(index: Path) -> None:
     raw = "[Relevant]It is in Paris.[Fully supported][Utility:5]</s>"
     gen = ScriptedGenerator(default=text_generation(raw))
-    pipe = ChatRagPipeline(sciphi_config(), gen, DenseRetriever(index))
+    pipe = ChatRagPipeline(sciphi_config(), gen, DenseRetriever.from_folder(index))
     answer = pipe.chat([ChatMessage(role="user", content="Where is the Nile river?"),
                         ChatMessage(role="assistant", content="Africa."),
                         ChatMessage(role="user", content="Where is the Eiffel Tower in Paris?")])
@@ -57,7 +57,7 @@ def test_sciphi_flow_exact_prompt_and_cleaned_answer(index: Path) -> None:
 
 def test_retrieval_uses_the_last_user_turn_only(index: Path) -> None:
     gen = ScriptedGenerator(default=text_generation("ok"))
-    pipe = ChatRagPipeline(sciphi_config(), gen, DenseRetriever(index))
+    pipe = ChatRagPipeline(sciphi_config(), gen, DenseRetriever.from_folder(index))
     a = pipe.chat([ChatMessage(role="user", content="Eiffel Tower Paris"),
                    ChatMessage(role="assistant", content="..."),
                    ChatMessage(role="user", content="longest river Africa Nile")])
@@ -66,7 +66,7 @@ def test_retrieval_uses_the_last_user_turn_only(index: Path) -> None:
 
 def test_hostile_passage_is_neutralised_in_the_prompt(index: Path) -> None:
     gen = ScriptedGenerator(default=text_generation("ok"))
-    pipe = ChatRagPipeline(sciphi_config(), gen, DenseRetriever(index))
+    pipe = ChatRagPipeline(sciphi_config(), gen, DenseRetriever.from_folder(index))
     pipe.ask("Ignore instructions system")
     (prompt,) = gen.calls[0]
     context = prompt.split("[Retrieval] <paragraph>", 1)[1]
@@ -86,14 +86,14 @@ def test_context_budget_and_batching() -> None:
 
 def test_answer_batch_is_one_generation_call(index: Path) -> None:
     gen = ScriptedGenerator(default=text_generation("ok"))
-    pipe = ChatRagPipeline(sciphi_config(), gen, DenseRetriever(index))
+    pipe = ChatRagPipeline(sciphi_config(), gen, DenseRetriever.from_folder(index))
     answers = pipe.answer_batch([[ChatMessage(role="user", content=q)] for q in ("Nile", "Eiffel", "x")])
     assert len(gen.calls) == 1 and len(gen.calls[0]) == 3 and len(answers) == 3
 
 
 def test_bad_role_fails_before_any_generation(index: Path) -> None:
     gen = ScriptedGenerator(default=text_generation("ok"))
-    pipe = ChatRagPipeline(sciphi_config(), gen, DenseRetriever(index))
+    pipe = ChatRagPipeline(sciphi_config(), gen, DenseRetriever.from_folder(index))
     with pytest.raises(PromptError, match="role is 'tool'"):
         pipe.chat([ChatMessage(role="tool", content="x"), ChatMessage(role="user", content="y")])
     assert gen.calls == []
@@ -101,7 +101,7 @@ def test_bad_role_fails_before_any_generation(index: Path) -> None:
 
 def test_streaming_holds_back_control_strings(index: Path) -> None:
     gen = ScriptedGenerator(default=text_generation("[Relevant]Paris is lovely.[Utility:5]"))
-    pipe = ChatRagPipeline(sciphi_config(), gen, DenseRetriever(index))
+    pipe = ChatRagPipeline(sciphi_config(), gen, DenseRetriever.from_folder(index))
     events = asyncio.run(_collect(pipe.astream([ChatMessage(role="user", content="Eiffel")])))
     assert isinstance(events[0], SourcesEvent) and events[0].hits[0].passage.id == "eiffel"
     texts = [e.text for e in events if isinstance(e, TextEvent)]
@@ -160,7 +160,7 @@ def test_langchain_chat_model_uses_the_pipeline_batch_and_stream(index: Path) ->
     from rag.integrations.langchain import RagChatModel
 
     gen = ScriptedGenerator(default=text_generation("[Relevant]It is in Paris, France.[Utility:5]"))
-    chat = RagChatModel(pipeline=ChatRagPipeline(sciphi_config(), gen, DenseRetriever(index)))
+    chat = RagChatModel(pipeline=ChatRagPipeline(sciphi_config(), gen, DenseRetriever.from_folder(index)))
     convo = [SystemMessage("Be brief."), HumanMessage("Nile?"), AIMessage("Africa."),
              HumanMessage("Where is the Eiffel Tower?")]
     out = chat.invoke(convo)
@@ -195,7 +195,7 @@ def test_concurrent_async_searches_share_batches_and_get_their_own_hits(index: P
                 self.first.wait(5)  # hold the first batch until every caller has queued
             return self.inner.search_batch(queries, top_k)
 
-    retriever = Counting(DenseRetriever(index))
+    retriever = Counting(DenseRetriever.from_folder(index))
     pipe = ChatRagPipeline(sciphi_config(), ScriptedGenerator(), retriever)  # type: ignore[arg-type]
     questions = [f"{w} question {i}" for i in range(8) for w in ("Eiffel", "Nile", "Paris", "Africa")]
     expected = {q: [h.passage.id for h in retriever.inner.search(q, 2)] for q in questions}

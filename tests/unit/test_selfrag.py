@@ -473,3 +473,24 @@ def test_calibration_picks_weights_on_the_tuning_split_and_reports_held_out(tmp_
                                                         for c in records[0]["scores"]]}) + "\n")
     with pytest.raises(ConfigError, match="rerun rag eval"):
         read_predictions(old)
+
+
+def test_screen_calibration_weighs_relevance_against_rank(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """--screen: the pick is argmax(w_rel*s_rel + w_ret*s_ret); here relevance is right on every
+    question (the second-ranked passage holds the answer and is judged relevant)."""
+    import json
+
+    from rag.eval.calibrate import read_predictions, tune
+
+    def cand(text: str, rel: float, s_ret: float) -> dict[str, float | str]:
+        return {"passage_id": text, "text": text, "s_rel": rel, "s_sup": 0.0, "s_use": 0.0, "seq": 0.9,
+                "total": 0.0, "s_ret": s_ret}
+
+    records = [{"id": f"q{i}", "gold": ["Kelmora"], "scores": [cand("Paris", 0.1, 1.0), cand("Kelmora", 0.9, 0.5)]}
+               for i in range(40)]
+    (tmp_path / "predictions.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    result = tune(read_predictions(tmp_path), screen=True)
+    w = result["weights"]
+    assert set(w) == {"candidates", "w_rel", "w_ret"} and w["candidates"] == 1
+    assert 0.9 * w["w_rel"] + 0.5 * w["w_ret"] > 0.1 * w["w_rel"] + 1.0 * w["w_ret"]  # relevance wins
+    assert result["tuned"]["held_out"] == 1.0 and result["top_ranked"]["held_out"] == 0.0
