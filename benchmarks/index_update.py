@@ -79,9 +79,9 @@ def main() -> None:
     new = corpus(work / "new.jsonl", one - len(changed), seed=5, start=n)
     (work / "up.jsonl").write_text("".join(json.dumps(r) + "\n" for r in changed + new))
     _, t_up = timed(lambda: upsert(work / "idx", work / "up.jsonl", embedder=emb, progress=False))
-    rows: list[list[Any]] = [["full build", round(t_build, 2), "1.000"],
-                             ["rag index delete 1%", round(t_del, 2), f"{t_del / t_build:.3f}"],
-                             ["rag index upsert 1% (re-encodes 1%)", round(t_up, 2), f"{t_up / t_build:.3f}"]]
+    rows: list[list[Any]] = [["full build", round(t_build, 1), "1.000"],
+                             ["rag index delete 1%", round(t_del, 3), f"{t_del / t_build:.3f}"],
+                             ["rag index upsert 1% (re-encodes 1%)", round(t_up, 3), f"{t_up / t_build:.3f}"]]
     dense = DenseRetriever.from_folder(work / "idx", embedder=emb, device="cpu")
     try:  # the peer: LangChain's FAISS store over the same vectors
         from langchain_community.docstore.in_memory import InMemoryDocstore
@@ -112,8 +112,8 @@ def main() -> None:
             lc.add_texts(texts, ids=lc_changed + [f"n{r['id']}" for r in new])
 
         _, t_lc_up = timed(lc_upsert)
-        rows += [["LangChain FAISS delete 1%", round(t_lc_del, 2), f"{t_lc_del / t_build:.3f}"],
-                 ["LangChain FAISS upsert 1% (delete + add_texts)", round(t_lc_up, 2), f"{t_lc_up / t_build:.3f}"]]
+        rows += [["LangChain FAISS delete 1%", round(t_lc_del, 4), f"{t_lc_del / t_build:.3f}"],
+                 ["LangChain FAISS upsert 1% (delete + add_texts)", round(t_lc_up, 3), f"{t_lc_up / t_build:.3f}"]]
     except ImportError as e:
         print(f"LangChain FAISS not measured: {e}", file=sys.stderr)
     # search after 30% deletes

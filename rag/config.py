@@ -171,6 +171,9 @@ class SelfRagSettings(_Config):
     w_ret: float = Field(0.0, ge=0.0, description="weight of the retrieval prior 1/rank in a candidate's "
                          "score (0: the paper's formula; rag tune critic calibrates it)")
     use_seq: bool = Field(True, description="add exp(mean token logprob) to the score")
+    relevance: Literal["likelihood", "question"] = Field(
+        "likelihood", description="prompted critic's IsRel: likelihood (of the question given the passage, "
+        "normalised over the question's passages) or question (a Yes/No question)")
     candidates: int | None = Field(
         None, ge=1, description="short form: generate answers only for the N passages that a relevance "
         "screen (one IsRel question per passage, plus w_ret/rank) ranks highest; null: one per "

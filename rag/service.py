@@ -132,6 +132,7 @@ class CompletionRequest(_SamplingRequest):
     logprob_token_ids: list[int] | None = Field(None, max_length=64)
     return_tokens_as_token_ids: bool = False
     return_token_ids: bool = False
+    prompt_logprobs: int | None = Field(None, ge=0, le=0, description="0: each prompt token's own logprob")
     stream_options: dict[str, Any] | None = None
 
 
@@ -629,7 +630,7 @@ def create_app(pipeline: Any, *, model_name: str | None = None, api_key: str | N
             raise HTTPError(400, "this pipeline has no generator (kind: retrieval)")
         if req.echo:
             raise HTTPError(400, "echo is not supported", param="echo")
-        if req.stream and (req.logprobs is not None or req.logprob_token_ids):
+        if req.stream and (req.logprobs is not None or req.logprob_token_ids or req.prompt_logprobs is not None):
             raise HTTPError(400, "logprobs are returned only without stream", param="logprobs")
         if isinstance(req.prompt, str):
             prompt: str | list[int] = neutralize(req.prompt, generator.control_strings())
@@ -640,7 +641,8 @@ def create_app(pipeline: Any, *, model_name: str | None = None, api_key: str | N
             prompt = req.prompt
         params = _params(req, GenerationParams(max_new_tokens=16), limits).model_copy(update={
             "stop_token_ids": req.stop_token_ids or [], "logprob_token_ids": req.logprob_token_ids or [],
-            "top_logprobs": 0 if req.logprob_token_ids else min(req.logprobs or 0, 20)})
+            "top_logprobs": 0 if req.logprob_token_ids else min(req.logprobs or 0, 20),
+            "prompt_logprobs": req.prompt_logprobs is not None})
         cid, now = f"cmpl-{uuid.uuid4().hex}", int(time.time())
 
         def body(choices: list[dict[str, Any]], **extra: Any) -> dict[str, Any]:
@@ -685,6 +687,10 @@ def create_app(pipeline: Any, *, model_name: str | None = None, api_key: str | N
                                   "logprobs": _completion_logprobs(g, generator, req)}
         if req.return_token_ids:
             choice["token_ids"] = g.token_ids
+        if req.prompt_logprobs is not None:  # vLLM's shape: None, then {id: {logprob}} per prompt token
+            ids = generator.prompt_ids(prompt)
+            choice["prompt_logprobs"] = [None] + [{str(t): {"logprob": lp}}
+                                                  for t, lp in zip(ids[1:], g.prompt_logprobs, strict=True)]
         n = len(g.token_ids)
         return JSONResponse(body([choice], usage={"prompt_tokens": g.prompt_tokens, "completion_tokens": n,
                                                   "total_tokens": g.prompt_tokens + n}))

@@ -61,6 +61,8 @@ class GenerationParams(_Frozen):
         default_factory=list, max_length=128,
         description="token ids whose exact logprob is returned at every generated position")
     top_logprobs: int = Field(0, ge=0, le=20, description="also return the top-k logprobs")
+    prompt_logprobs: bool = Field(False, description="also return the logprob of every prompt token "
+                                  "after the first (not when streaming)")
 
 
 class Generation(_Frozen):
@@ -68,7 +70,8 @@ class Generation(_Frozen):
 
     ``logprobs[i]`` maps each requested token id to its log-probability at generated position
     ``i`` (from the raw next-token distribution); ``token_logprobs[i]`` is the log-probability of
-    the token actually generated there.
+    the token actually generated there; ``prompt_logprobs`` (when asked for) those of the prompt's
+    tokens after the first.
     """
 
     text: str
@@ -78,6 +81,7 @@ class Generation(_Frozen):
     top_logprobs: list[dict[int, float]] = Field(default_factory=list)
     finish_reason: Literal["stop", "length"]
     prompt_tokens: int = 0
+    prompt_logprobs: list[float] = Field(default_factory=list, description="prompt token i+1 given 0..i")
 
     @property
     def cumulative_logprob(self) -> float:

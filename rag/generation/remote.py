@@ -167,6 +167,8 @@ class OpenAIGenerator(TokenizerOps):
                 extra["min_tokens"] = params.min_new_tokens
             if params.stop_token_ids:
                 extra["stop_token_ids"] = params.stop_token_ids
+            if params.prompt_logprobs and not stream:
+                extra["prompt_logprobs"] = 0
         if stream:
             body["stream_options"] = {"include_usage": True}
         elif params.logprob_token_ids and extensions and self.exact_token_logprobs is not False:
@@ -225,7 +227,21 @@ class OpenAIGenerator(TokenizerOps):
         finish = "length" if choice.finish_reason == "length" else "stop"
         prompt_tokens = getattr(usage, "prompt_tokens", None) or len(ids_in)
         return Generation(text=choice.text, token_ids=list(ids), token_logprobs=token_lp, logprobs=req,
-                          top_logprobs=top, finish_reason=finish, prompt_tokens=prompt_tokens)
+                          top_logprobs=top, finish_reason=finish, prompt_tokens=prompt_tokens,
+                          prompt_logprobs=self._prompt_logprobs(choice, ids_in) if params.prompt_logprobs else [])
+
+    def _prompt_logprobs(self, choice: Any, ids_in: list[int]) -> list[float]:
+        """vLLM's ``prompt_logprobs`` (a dict per prompt position, keyed by token id) for ours."""
+        steps = (choice.model_extra or {}).get("prompt_logprobs")
+        if not steps or len(steps) != len(ids_in):
+            raise GenerationError(f"{self.base_url} returned no prompt_logprobs (a vLLM extension); the "
+                                  "prompted critic's relevance needs them: serve the model with vllm serve or "
+                                  "rag serve, or set selfrag.relevance: question")
+        out = []
+        for tid, step in zip(ids_in[1:], steps[1:], strict=True):
+            entry = {int(str(k).removeprefix(TOKEN_ID_PREFIX)): v for k, v in step.items()}[tid]
+            out.append(float(entry["logprob"] if isinstance(entry, dict) else entry))
+        return out
 
     def _keyed(self, step: dict[str, float]) -> dict[int, float]:
         """A top-logprobs step by token id ("token_id:N" keys, else the token's text)."""

@@ -78,6 +78,7 @@ def sampling_params(params: GenerationParams, *, stream: bool = False) -> Any:
         # (plus the sampled token) instead of top-k
         logprobs=None if stream else (None if params.logprob_token_ids else params.top_logprobs),
         logprob_token_ids=None if stream else (params.logprob_token_ids or None),
+        prompt_logprobs=0 if params.prompt_logprobs and not stream else None,
         skip_special_tokens=False, spaces_between_special_tokens=False,
         output_kind=RequestOutputKind.DELTA if stream else RequestOutputKind.FINAL_ONLY)
 
@@ -96,9 +97,11 @@ def to_generation(out: Any, params: GenerationParams) -> Generation:
         elif params.top_logprobs:
             top.append({i: float(lp.logprob) for i, lp in step.items()})
     finish = "stop" if comp.finish_reason == "stop" else "length"
+    prompt = list(out.prompt_token_ids or [])
+    prompt_lp = ([float(step[tid].logprob) for tid, step in zip(prompt[1:], out.prompt_logprobs[1:], strict=True)]
+                 if params.prompt_logprobs and out.prompt_logprobs else [])
     return Generation(text=comp.text, token_ids=ids, token_logprobs=token_lp, logprobs=req,
-                      top_logprobs=top, finish_reason=finish,
-                      prompt_tokens=len(out.prompt_token_ids or []))
+                      top_logprobs=top, finish_reason=finish, prompt_tokens=len(prompt), prompt_logprobs=prompt_lp)
 
 
 class VLLMGenerator(TokenizerOps):

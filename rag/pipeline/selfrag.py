@@ -37,7 +37,8 @@ class SelfRagPipeline(BasePipeline):
             if s.critic == "prompted":
                 fmt = get_format(self.config.prompt.format, generator=self.generator,
                                  extra_control=self.generator.control_strings())
-            critic = make_critic(s.critic, self.generator, instruction=s.instruction, fmt=fmt)
+            critic = make_critic(s.critic, self.generator, instruction=s.instruction, fmt=fmt,
+                                 relevance=s.relevance)
             self._decoder = SelfRagDecoder(self.generator, critic, s, self.config.generation)
         return self._decoder
 

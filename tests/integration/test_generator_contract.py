@@ -118,3 +118,23 @@ def test_many_threads_share_one_generator_safely(gen: Any) -> None:
         together = list(pool.map(one, range(len(prompts))))
     for i, got in enumerate(together):
         assert got == (alone[i] if i % 2 == 0 else [len(alone[i])])
+
+
+def test_prompt_logprobs_are_each_prompt_tokens_own_logprob(gen: Any, smollm_path: Any) -> None:
+    """prompt_logprobs[i] = log p(prompt token i+1 | tokens 0..i): the same numbers from every
+    real backend as one forward pass of the raw transformers model (the prompted critic's
+    relevance reads them)."""
+    if isinstance(gen, ScriptedGenerator):
+        pytest.skip("scripted generations carry the prompt logprobs their script gives")
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    p = prompt(gen, "Which river flows through Cairo?") + "The Nile flows through Cairo."
+    (g,) = gen.generate([p], GenerationParams(max_new_tokens=1, prompt_logprobs=True))
+    ids = gen.encode(p)
+    assert len(g.prompt_logprobs) == len(ids) - 1 == g.prompt_tokens - 1
+    model = AutoModelForCausalLM.from_pretrained(str(smollm_path), dtype=torch.float32)
+    with torch.inference_mode():
+        lp = model(torch.tensor([ids])).logits[0, :-1].float().log_softmax(-1)
+    want = lp.gather(-1, torch.tensor(ids[1:])[:, None])[:, 0].tolist()
+    assert g.prompt_logprobs == pytest.approx(want, abs=2e-3)

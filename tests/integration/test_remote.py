@@ -57,9 +57,10 @@ def chat_config(fmt: str) -> ChatPipelineConfig:
                               generation={"max_new_tokens": 24})
 
 
-def critic_config() -> SelfRagPipelineConfig:
+def critic_config(relevance: str = "likelihood") -> SelfRagPipelineConfig:
     return SelfRagPipelineConfig(name="s", kind="selfrag", retrieval={"top_k": 2}, prompt={"format": "hf_template"},
-                                 generation={"max_new_tokens": 24}, selfrag={"mode": "always", "critic": "prompted"})
+                                 generation={"max_new_tokens": 24},
+                                 selfrag={"mode": "always", "critic": "prompted", "relevance": relevance})
 
 
 def test_generations_equal_the_engine_in_process(remote_smollm: Any, vllm_smollm: Any) -> None:
@@ -113,8 +114,9 @@ def test_rag_ask_through_vllm_serve(vllm_server_smollm: str, smollm_path: Path, 
 def test_gateway_without_logprob_token_ids(vllm_server_smollm: str, vllm_server_tiny: str, smollm_path: Path,
                                            tiny_selfrag: Path, remote_smollm: Any, index: Path) -> None:
     """A gateway that passes only the standard OpenAI fields (as proxies do) in front of the
-    real servers: chat and the prompted critic work from the top-k logprobs, the reflection-token
-    critic refuses with an error that says why and what to do."""
+    real servers: chat and the prompted critic (relevance: question) work from the top-k logprobs;
+    relevance by likelihood (no prompt_logprobs) and the reflection-token critic refuse with an
+    error that says why and what to do."""
     standard = {"model", "prompt", "max_tokens", "temperature", "top_p", "n", "stream", "stop", "seed",
                 "logprobs", "echo", "stream_options", "user", "suffix", "frequency_penalty", "presence_penalty"}
     app = FastAPI()
@@ -137,8 +139,8 @@ def test_gateway_without_logprob_token_ids(vllm_server_smollm: str, vllm_server_
             chat = ChatRagPipeline(chat_config("hf_template"), remote_smollm, retriever).answer_batch(convos)
             assert [a.text for a in chat] == [
                 a.text for a in ChatRagPipeline(chat_config("hf_template"), plain, retriever).answer_batch(convos)]
-            a = SelfRagPipeline(critic_config(), remote_smollm, retriever).answer_batch(convos)
-            b = SelfRagPipeline(critic_config(), plain, retriever).answer_batch(convos)
+            a = SelfRagPipeline(critic_config("question"), remote_smollm, retriever).answer_batch(convos)
+            b = SelfRagPipeline(critic_config("question"), plain, retriever).answer_batch(convos)
             for x, y in zip(a, b, strict=True):
                 assert [s.text for s in x.scores] == [s.text for s in y.scores]
                 # Yes/No and Fully/Partially/No sit in the top 20 here, so their renormalised
@@ -147,6 +149,8 @@ def test_gateway_without_logprob_token_ids(vllm_server_smollm: str, vllm_server_
                     for f in ("s_rel", "s_sup"):
                         assert getattr(sx, f) == pytest.approx(getattr(sy, f), abs=1e-3), f
                     assert -1.0 <= sy.s_use <= 1.0
+            with pytest.raises(GenerationError, match="no prompt_logprobs.*selfrag.relevance: question"):
+                SelfRagPipeline(critic_config(), plain, retriever).answer_batch(convos[:1])
             config = SelfRagPipelineConfig(name="t", kind="selfrag", prompt={"format": "selfrag"},
                                            selfrag={"mode": "always", "critic": "tokens"})
             with pytest.raises(ConfigError, match="logprob_token_ids.*critic: prompted"):

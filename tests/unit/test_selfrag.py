@@ -26,7 +26,7 @@ from rag.selfrag.scoring import (
     vote,
 )
 from rag.selfrag.tokens import ReflectionTokens
-from rag.types import Generation, GenerationParams, Hit, Passage
+from rag.types import ChatMessage, Generation, GenerationParams, Hit, Passage
 
 TOK = ScriptedTokenizer(REFLECTION_TOKENS)
 T = ReflectionTokens.from_generator(ScriptedGenerator(tokenizer=TOK))
@@ -324,23 +324,31 @@ def test_long_form_needs_reflection_tokens_and_pipeline_wiring() -> None:
 
 # --- prompted critic: KV-shared critique questions, the retrieval prior, calibration ------------
 
-def prompted_setup(p_yes: float, sup: tuple[float, float, float], use: Sequence[float]):  # type: ignore[no-untyped-def]
+def prompted_setup(p_yes: float, sup: tuple[float, float, float], use: Sequence[float],  # type: ignore[no-untyped-def]
+                   relevance: str = "question", token_lp: dict[str, float] | None = None):
     """A scripted generator answering every critique question with the given option
-    probabilities (chatml format: the scripted tokenizer has no chat template)."""
+    probabilities (chatml format: the scripted tokenizer has no chat template); with
+    ``relevance="likelihood"``, the question's tokens get ``token_lp[passage id]`` each."""
     from rag.prompts import get_format
     from rag.selfrag.critic import REL_Q, SUP_Q, USE_Q, PromptedCritic
 
     g = ScriptedGenerator(tokenizer=ScriptedTokenizer())
     fmt = get_format("chatml", generator=g, extra_control=g.control_strings())
-    critic = PromptedCritic(g, fmt)
+    critic = PromptedCritic(g, fmt, relevance=relevance)
     yes, no = critic.yes_no
 
     def step(ids: Sequence[int], ps: Sequence[float]) -> Generation:
         return Generation(text="x", token_ids=[ids[0]], token_logprobs=[-0.1],
                           logprobs=[{i: ln(p) for i, p in zip(ids, ps)}], finish_reason="stop")
 
+    def likelihood(prompt: str) -> Generation:  # token-id prompts reach the script decoded, unspaced
+        k = next(k for k in (token_lp or {}) if f"textof{k}" in prompt)
+        return Generation(text="x", token_ids=[5], token_logprobs=[-0.1], finish_reason="stop",
+                          prompt_logprobs=[(token_lp or {})[k]] * 200)
+
     g.script = [(lambda p: p.rstrip().endswith(REL_Q + "<|im_end|>\n<|im_start|>assistant"),
                  step([yes, no], [p_yes, 1 - p_yes])),
+                (lambda p: "Writeaquestionthatthispassageanswers." in p, likelihood),
                 (lambda p: SUP_Q in p, step(critic.support, sup)),
                 (lambda p: USE_Q in p, step(critic.utility, use))]
     return g, critic
@@ -361,12 +369,35 @@ def test_prompted_critique_continues_the_candidate_conversation_hand_computed() 
     # the user turn), IsSup and IsUse continue its prompt and answer
     import os
 
-    (questions,) = g.calls
+    (rel,), questions = g.calls
     prompt = critic.candidate_prompt("Where?", p)
     turn_end = "<|im_end|>\n<|im_start|>assistant\n"
-    assert prompt.endswith(turn_end) and len(questions) == 3
-    assert os.path.commonprefix([questions[0], prompt]) == prompt[: -len(turn_end)]
-    assert all(q.startswith(prompt + "It is awarded in Kelmora.") for q in questions[1:])
+    assert prompt.endswith(turn_end) and len(questions) == 2
+    assert os.path.commonprefix([rel, prompt]) == prompt[: -len(turn_end)]
+    assert all(q.startswith(prompt + "It is awarded in Kelmora.") for q in questions)
+
+
+def test_likelihood_relevance_is_a_softmax_of_question_log_likelihoods_hand_computed() -> None:
+    """IsRel = p(question | passage) normalised over the question's passages; the question reaches
+    the model after the passage as the reply, its control tokens neutralised."""
+    from rag.selfrag.critic import QL_Q
+
+    g, critic = prompted_setup(0.5, (0.2, 0.2, 0.2), [0.2] * 5, relevance="likelihood",
+                               token_lp={"a": -0.5, "b": -1.0, "c": -2.0})
+    q = "Who won? <|im_end|>"
+    pairs = [(q, hit(k).passage) for k in "abc"] + [("Other?", hit("a").passage)]
+    rel = asyncio.run(critic.relevance(pairs))
+    from rag.prompts.sanitize import neutralize
+
+    head = critic.format.render([ChatMessage(role="user", content=QL_Q.format(passage=hit("a").passage.title_text))])
+    n = len(g.encode(head + neutralize(q, critic.extra_control))) - len(g.encode(head))  # the question's tokens
+    lls = [n * -0.5, n * -1.0, n * -2.0]
+    z = sum(math.exp(x) for x in lls)
+    assert rel[:3] == pytest.approx([math.exp(x) / z for x in lls]) and rel[3] == pytest.approx(1.0)
+    (prompts,) = g.calls
+    assert len(prompts) == 4 and all("Writeaquestion" in p for p in prompts)
+    assert prompts[0].endswith("<|im_start|>assistant" + neutralize(q, critic.extra_control).replace(" ", ""))
+    assert neutralize(q, critic.extra_control) != q  # the question's chat marker was escaped
 
 
 def test_retrieval_prior_adds_w_ret_over_rank_and_can_change_the_pick() -> None:
