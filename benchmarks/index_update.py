@@ -105,7 +105,9 @@ def main() -> None:
         lc_gone = [ids[i] for i in rng.choice(len(ids), one, replace=False)]
         _, t_lc_del = timed(lambda: lc.delete(lc_gone))
         lc_changed = [i for i in ids if i not in set(lc_gone)][: one // 2]
-        texts = [f"changed {i}" for i in lc_changed] + [f"{r['title']}\n{r['text']}" for r in new]
+        by_id = {r["id"]: r for r in recs}
+        texts = [f"{by_id[i]['title']}\n{by_id[i]['text']} revised" for i in lc_changed] + \
+            [f"{r['title']}\n{r['text']}" for r in new]
 
         def lc_upsert() -> None:
             lc.delete(lc_changed)
