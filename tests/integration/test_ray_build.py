@@ -101,6 +101,15 @@ def _build(corpus: Path, out: Path, *extra: str, env: dict[str, str] | None = No
                    "--batch-size", "8", "-q", *extra, env=env)
 
 
+@pytest.fixture(scope="module")
+def local96(shared_data: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    """96 DPR passages and their local (non-Ray) build, the reference both Ray builds must equal."""
+    tmp = tmp_path_factory.mktemp("local96")
+    corpus = _corpus(shared_data, tmp, 96)
+    assert _build(corpus, tmp / "local").returncode == 0
+    return corpus, tmp / "local"
+
+
 def _contents(folder: Path) -> tuple[list[tuple[object, ...]], np.ndarray, dict[str, object]]:
     import faiss
 
@@ -123,11 +132,9 @@ def _assert_same_index(a: Path, b: Path, atol: float) -> None:
     assert man_a == man_b
 
 
-def test_ray_build_on_two_nodes_equals_local_build(cluster: dict[str, str], shared_data: Path,
+def test_ray_build_on_two_nodes_equals_local_build(cluster: dict[str, str], local96: tuple[Path, Path],
                                                    tmp_path: Path) -> None:
-    corpus = _corpus(shared_data, tmp_path, 96)
-    local = tmp_path / "local"
-    assert _build(corpus, local).returncode == 0
+    corpus, local = local96
     dist = tmp_path / "ray"
     r = run_cli("--debug", "index", "build", "--corpus", str(corpus), "--out", str(dist), "--batch-size", "8",
                 "-q", "--ray", cluster["ADDRESS"], "--ray-window", "16", env=cluster)
@@ -138,9 +145,9 @@ def test_ray_build_on_two_nodes_equals_local_build(cluster: dict[str, str], shar
     assert not Path(str(dist) + ".partial").exists()
 
 
-def test_killed_ray_build_resumes_with_only_the_missing_windows(cluster: dict[str, str], shared_data: Path,
+def test_killed_ray_build_resumes_with_only_the_missing_windows(cluster: dict[str, str], local96: tuple[Path, Path],
                                                                 tmp_path: Path) -> None:
-    corpus = _corpus(shared_data, tmp_path, 96)
+    corpus, local = local96
     out = tmp_path / "ray"
     args = ["index", "build", "--corpus", str(corpus), "--out", str(out), "--batch-size", "8", "-q",
             "--ray", cluster["ADDRESS"], "--ray-window", "8"]
@@ -161,8 +168,6 @@ def test_killed_ray_build_resumes_with_only_the_missing_windows(cluster: dict[st
     assert resumed, r.stderr[-3000:]
     done, total = (int(x) for x in resumed[0].split(": ")[-1].split(" windows")[0].split(" of "))
     assert total == 12 and 1 <= done < total
-    local = tmp_path / "local"
-    assert _build(corpus, local).returncode == 0
     _assert_same_index(local, out, atol=1e-5)
 
 

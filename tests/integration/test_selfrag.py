@@ -15,8 +15,7 @@ from rag.config import IndexRecipe, SelfRagSettings
 from rag.index import build_index
 from rag.selfrag.critic import PromptedCritic, TokenCritic
 from rag.selfrag.decoder import SelfRagDecoder
-from rag.selfrag.scoring import Weights
-from rag.types import Generation, GenerationParams, Hit, Passage
+from rag.types import GenerationParams, Hit, Passage
 from tests.conftest import SHARED_DATA, run_cli
 
 pytestmark = pytest.mark.integration
@@ -101,10 +100,8 @@ def squad_pairs(n: int) -> list[tuple[str, Passage, Passage]]:
 def test_prompted_critic_prefers_the_relevant_passage(hf_smollm: Any, shared_data: Path) -> None:
     critic = PromptedCritic(hf_smollm)
     pairs = squad_pairs(8)
-    dummy = Generation(text="I do not know.", token_ids=[1], token_logprobs=[-1.0], finish_reason="stop")
-    items = [(q, p, dummy) for q, gold, other in pairs for p in (gold, other)]
-    scores = asyncio.run(critic.critique(items, Weights()))
-    rel = [(scores[2 * i].s_rel, scores[2 * i + 1].s_rel) for i in range(len(pairs))]
+    scores = asyncio.run(critic.relevance([(q, p) for q, gold, other in pairs for p in (gold, other)]))
+    rel = [(scores[2 * i], scores[2 * i + 1]) for i in range(len(pairs))]
     wins = sum(g > o for g, o in rel)
     assert wins >= 6, rel  # the passage with the answer wins on at least 6 of 8 questions
     assert sum(g for g, _ in rel) > sum(o for _, o in rel)
