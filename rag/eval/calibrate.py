@@ -36,7 +36,7 @@ class Question:
 
 
 def total(c: dict[str, Any], w: dict[str, Any]) -> float:
-    return (w["w_rel"] * c["s_rel"] + w["w_sup"] * c["s_sup"] + w["w_use"] * c["s_use"]
+    return (w["w_rel"] * c["s_rel"] + w["w_sup"] * (c["s_sup"] or 0.0) + w["w_use"] * (c["s_use"] or 0.0)
             + (c["seq"] if w["use_seq"] else 0.0) + w["w_ret"] * c.get("s_ret", 0.0))
 
 

@@ -26,9 +26,11 @@ from rag.selfrag.critic import TokenCritic
 from rag.selfrag.scoring import (
     Critique,
     Weights,
+    combine,
     critique_generation,
     normalise_closed_answer,
     postprocess,
+    sequence_score,
     should_retrieve,
     strip_reflection,
     vote,
@@ -116,10 +118,8 @@ class SelfRagDecoder:
         t1 = time.perf_counter()
         gens = await self.generator.agenerate(prompts, self.critic.candidate_params(self.params))
         t_gen = time.perf_counter() - t1
-        items = [(questions[i], h.passage, g) for (i, h), g in zip(owners, gens, strict=True) if h]
-        relevance = [r for i in sorted(screened) for _, r in screened[i]] if screened else None
         t2 = time.perf_counter()
-        critiques = iter(await self.critic.critique(items, self.weights, relevance))
+        critiques = iter(await self._critique(questions, owners, gens, screened))
         t_crit = time.perf_counter() - t2
         per_q: dict[int, list[tuple[Hit | None, Generation, Critique | None]]] = {}
         for (i, maybe_hit), g in zip(owners, gens, strict=True):
@@ -128,6 +128,31 @@ class SelfRagDecoder:
         timings = Timings(retrieval_s=t_ret / n, generation_s=t_gen / n, critique_s=t_crit / n)
         return [self._short_answer(decisions[i], per_q[i], found.get(i, []), timings)
                 for i in range(len(questions))]
+
+    async def _critique(self, questions: Sequence[str], owners: Sequence[tuple[int, Hit | None]],
+                        gens: Sequence[Generation], screened: dict[int, list[tuple[Hit, float]]]) -> list[Critique]:
+        """Critiques of the candidates that have a passage, in order. A question the screen left
+        with one candidate has nothing to choose between: a critic that asks the model
+        (`PromptedCritic`) is not asked its IsSup/IsUse unless ``critique_single`` (its s_rel is
+        the screen's, s_sup and s_use are None)."""
+        relevance = {i: iter([r for _, r in screened[i]]) for i in screened}
+        single = {i for i, kept in screened.items() if len(kept) == 1
+                  and self.critic.asks_model and not self.settings.critique_single}
+        items: list[tuple[str, Passage, Generation]] = []
+        rel: list[float] = []
+        out: list[Critique | None] = []
+        for (i, h), g in zip(owners, gens, strict=True):
+            if h is None:
+                continue
+            r = next(relevance[i]) if i in relevance else None
+            if i in single:
+                out.append(combine(r or 0.0, None, None, sequence_score(g.token_logprobs), self.weights))
+            else:
+                out.append(None)
+                items.append((questions[i], h.passage, g))
+                rel.append(r or 0.0)
+        asked = iter(await self.critic.critique(items, self.weights, rel if screened else None) if items else [])
+        return [c if c is not None else next(asked) for c in out]
 
     async def _screen(self, questions: Sequence[str], found: dict[int, list[Hit]]
                       ) -> dict[int, list[tuple[Hit, float]]]:

@@ -96,14 +96,14 @@ def sequence_score(token_logprobs: Sequence[float]) -> float:
 @dataclass(frozen=True, slots=True)
 class Critique:
     s_rel: float
-    s_sup: float
-    s_use: float
+    s_sup: float | None  # None: not asked (a prompted critic's only candidate)
+    s_use: float | None
     seq: float
     total: float
 
 
-def combine(s_rel: float, s_sup: float, s_use: float, seq: float, w: Weights) -> Critique:
-    total = (seq if w.seq else 0.0) + w.rel * s_rel + w.sup * s_sup + w.use * s_use
+def combine(s_rel: float, s_sup: float | None, s_use: float | None, seq: float, w: Weights) -> Critique:
+    total = (seq if w.seq else 0.0) + w.rel * s_rel + w.sup * (s_sup or 0.0) + w.use * (s_use or 0.0)
     return Critique(s_rel=s_rel, s_sup=s_sup, s_use=s_use, seq=seq, total=total)
 
 

@@ -398,6 +398,8 @@ def test_likelihood_relevance_is_a_softmax_of_question_log_likelihoods_hand_comp
     assert len(prompts) == 4 and all("Writeaquestion" in p for p in prompts)
     assert prompts[0].endswith("<|im_start|>assistant" + neutralize(q, critic.extra_control).replace(" ", ""))
     assert neutralize(q, critic.extra_control) != q  # the question's chat marker was escaped
+    # the same pairs in another order: each question's passages are normalised together
+    assert asyncio.run(critic.relevance(pairs[::-1])) == pytest.approx(rel[::-1])
 
 
 def test_retrieval_prior_adds_w_ret_over_rank_and_can_change_the_pick() -> None:
@@ -451,12 +453,21 @@ def test_relevance_screen_generates_only_for_the_best_passages_hand_computed() -
 
     # s_rel + w_ret/rank: a 0.3+1.0=1.3, b 0.9+0.5=1.4, c 0.95+0.333=1.283 -> b
     one = run(1.0, 1)
-    screen, generate, critique = g.calls
+    screen, generate = g.calls  # one candidate left: nothing for IsSup/IsUse to choose between
     assert len(screen) == 3 and all(REL_Q in p for p in screen)
     assert len(generate) == 1 and "text of b" in generate[0]
-    assert len(critique) == 2 and not any(REL_Q in p for p in critique)  # IsSup, IsUse only
     assert one.text == "From b." and [s.passage_id for s in one.scores] == ["b"]
     assert one.scores[0].s_rel == pytest.approx(0.9) and one.scores[0].s_ret == pytest.approx(0.5)
+    assert one.scores[0].s_sup is None and one.scores[0].s_use is None
+    assert one.scores[0].total == pytest.approx(math.exp(-0.5) + 0.9 + 0.5)  # seq + w_rel*s_rel + w_ret/rank
+    # critique_single asks them anyway (the scores a user may want), IsRel still not twice
+    g.calls.clear()
+    settings = SelfRagSettings(mode="always", critic="prompted", w_ret=1.0, candidates=1, critique_single=True)
+    asked = asyncio.run(SelfRagDecoder(g, critic, settings, GenerationParams(max_new_tokens=8))
+                        .short_form(["Q?"], None, 3, hits=[hits]))[0]
+    critique = g.calls[2]
+    assert len(critique) == 2 and not any(REL_Q in p for p in critique)  # IsSup, IsUse only
+    assert asked.text == "From b." and asked.scores[0].s_sup == pytest.approx((0.6 + 0.5 * 0.2) / 1.0)
     assert [h.passage.id for h in one.hits] == ["a", "b", "c"]  # what was retrieved, all of it
     # a stronger prior keeps the top-ranked passage: a 0.3+4 beats b 0.9+2
     assert run(4.0, 1).text == "From a."
