@@ -195,9 +195,9 @@ class PromptedCritic:
         out = [0.0] * len(pairs)
         for ks in groups.values():  # softmax over each question's passages
             top = max(lls[k] for k in ks)
-            ps = {k: math.exp(lls[k] - top) for k in ks}
+            z = sum(math.exp(lls[k] - top) for k in ks)
             for k in ks:
-                out[k] = ps[k] / sum(ps.values())
+                out[k] = math.exp(lls[k] - top) / z
         return out
 
     async def critique(self, items: Sequence[tuple[str, Passage, Generation]], w: Weights,
