@@ -63,6 +63,10 @@ class GenerationParams(_Frozen):
     top_logprobs: int = Field(0, ge=0, le=20, description="also return the top-k logprobs")
     prompt_logprobs: bool = Field(False, description="also return the logprob of every prompt token "
                                   "after the first (not when streaming)")
+    prompt_logprobs_tail: int = Field(
+        0, ge=0, description="with prompt_logprobs: only those of the prompt's last N tokens (0: all); "
+        "vLLM then computes the logits of those positions only (the rest of the prompt is prefilled "
+        "first and read back from its prefix cache)")
 
 
 class Generation(_Frozen):
@@ -71,7 +75,7 @@ class Generation(_Frozen):
     ``logprobs[i]`` maps each requested token id to its log-probability at generated position
     ``i`` (from the raw next-token distribution); ``token_logprobs[i]`` is the log-probability of
     the token actually generated there; ``prompt_logprobs`` (when asked for) those of the prompt's
-    tokens after the first.
+    tokens after the first, or of its last ``prompt_logprobs_tail`` tokens.
     """
 
     text: str
@@ -81,7 +85,8 @@ class Generation(_Frozen):
     top_logprobs: list[dict[int, float]] = Field(default_factory=list)
     finish_reason: Literal["stop", "length"]
     prompt_tokens: int = 0
-    prompt_logprobs: list[float] = Field(default_factory=list, description="prompt token i+1 given 0..i")
+    prompt_logprobs: list[float] = Field(default_factory=list, description="prompt token i+1 given 0..i "
+                                         "(the last prompt_logprobs_tail of them when that is set)")
 
     @property
     def cumulative_logprob(self) -> float:

@@ -322,20 +322,22 @@ class TransformersGenerator(TokenizerOps):
             text_ids = ids[:-1] if finish == "stop" and ids[-1] in eos else ids
             text = self.decode(text_ids)
             cut, hit = stream_visible(text, params.stop, finished=True)
-            prompt_lp = self._prompt_logprobs(r.ids) if params.prompt_logprobs else []
+            prompt_lp = self._prompt_logprobs(r.ids, params.prompt_logprobs_tail) if params.prompt_logprobs else []
             out.append(Generation(text=text[:cut], token_ids=ids, token_logprobs=token_lp, logprobs=req,
                                   top_logprobs=top, finish_reason="stop" if hit else finish,  # type: ignore[arg-type]
                                   prompt_tokens=len(r.ids), prompt_logprobs=prompt_lp))
         return out
 
-    def _prompt_logprobs(self, ids: list[int]) -> list[float]:
-        """Logprobs of prompt tokens 1.. given the ones before (one unpadded forward pass)."""
+    def _prompt_logprobs(self, ids: list[int], tail: int = 0) -> list[float]:
+        """Logprobs of prompt tokens 1.. given the ones before, or of the last ``tail`` of them
+        (one unpadded forward pass; logits only where needed)."""
         import torch
 
+        n = min(tail, len(ids) - 1) if tail else len(ids) - 1
         with torch.inference_mode():
-            logits = self._model(torch.tensor([ids], device=self._model.device)).logits[0, :-1]
+            logits = self._model(torch.tensor([ids], device=self._model.device), logits_to_keep=n + 1).logits[0, :-1]
         lp = logits.float().log_softmax(-1)
-        return lp.gather(-1, torch.tensor(ids[1:], device=lp.device)[:, None])[:, 0].tolist()
+        return lp.gather(-1, torch.tensor(ids[len(ids) - n:], device=lp.device)[:, None])[:, 0].tolist()
 
     def _step(self, row: _Row, tid: int, eos: set[int]) -> None:
         """A streaming row's new token: send the text that can no longer change."""

@@ -228,7 +228,8 @@ class OpenAIGenerator(TokenizerOps):
         prompt_tokens = getattr(usage, "prompt_tokens", None) or len(ids_in)
         return Generation(text=choice.text, token_ids=list(ids), token_logprobs=token_lp, logprobs=req,
                           top_logprobs=top, finish_reason=finish, prompt_tokens=prompt_tokens,
-                          prompt_logprobs=self._prompt_logprobs(choice, ids_in) if params.prompt_logprobs else [])
+                          prompt_logprobs=(self._prompt_logprobs(choice, ids_in)[-params.prompt_logprobs_tail:]
+                                           if params.prompt_logprobs else []))
 
     def _prompt_logprobs(self, choice: Any, ids_in: list[int]) -> list[float]:
         """vLLM's ``prompt_logprobs`` (a dict per prompt position, keyed by token id) for ours."""

@@ -65,11 +65,11 @@ def engine_kwargs(model_path: str, *, cuda: bool, dtype: str, max_model_len: int
     return kw
 
 
-def sampling_params(params: GenerationParams, *, stream: bool = False) -> Any:
+def sampling_params(params: GenerationParams, *, stream: bool = False, **extra: Any) -> Any:
     from vllm import SamplingParams
     from vllm.sampling_params import RequestOutputKind
 
-    return SamplingParams(
+    return SamplingParams(**extra,
         n=1, max_tokens=params.max_new_tokens, min_tokens=params.min_new_tokens,
         temperature=params.temperature,
         top_p=params.top_p, seed=params.seed, stop=params.stop or None,
@@ -98,8 +98,11 @@ def to_generation(out: Any, params: GenerationParams) -> Generation:
             top.append({i: float(lp.logprob) for i, lp in step.items()})
     finish = "stop" if comp.finish_reason == "stop" else "length"
     prompt = list(out.prompt_token_ids or [])
-    prompt_lp = ([float(step[tid].logprob) for tid, step in zip(prompt[1:], out.prompt_logprobs[1:], strict=True)]
-                 if params.prompt_logprobs and out.prompt_logprobs else [])
+    prompt_lp = []
+    if params.prompt_logprobs and out.prompt_logprobs:
+        first = max(1, len(prompt) - params.prompt_logprobs_tail) if params.prompt_logprobs_tail else 1
+        prompt_lp = [float(step[tid].logprob)
+                     for tid, step in zip(prompt[first:], out.prompt_logprobs[first:], strict=True)]
     return Generation(text=comp.text, token_ids=ids, token_logprobs=token_lp, logprobs=req,
                       top_logprobs=top, finish_reason=finish, prompt_tokens=len(prompt), prompt_logprobs=prompt_lp)
 
@@ -242,12 +245,38 @@ class VLLMGenerator(TokenizerOps):
         loop = self._engine_loop()
         sp = sampling_params(params)
         ids = [self.prompt_ids(p) for p in prompts]
+        if params.prompt_logprobs and params.prompt_logprobs_tail and params.max_new_tokens == 1 and not params.stop:
+            outs = await _on_loop(self._tail_logprobs(ids, params), loop)
+            gens = [to_generation(o, params) for o in outs]  # their text: as vLLM leaves out a stop token
+            return [g.model_copy(update={"text": self.decode(g.token_ids[: -1 if g.finish_reason == "stop" else None])})
+                    for g in gens]
 
         async def run_all() -> list[Any]:
             return list(await asyncio.gather(*(self._one(i, sp) for i in ids)))
 
         outs = await _on_loop(run_all(), loop)
         return [to_generation(o, params) for o in outs]
+
+    async def _tail_logprobs(self, ids: list[list[int]], params: GenerationParams) -> list[Any]:
+        """Scoring requests (one new token) that need only the last N prompt logprobs: vLLM would
+        compute the logits of every prompt position (the vocabulary-wide projection costs about
+        as much as the rest of the prefill on CPU), so each prompt's beginning, up to the token
+        before the tail, is prefilled first with no logprobs, and the whole prompt is then asked
+        reading that from the prefix cache: logits are computed for the uncached positions only.
+        vLLM fills the cached positions' prompt logprobs with garbage, so those requests skip
+        detokenizing (the one token's text is decoded here), and a prompt whose cached part
+        reaches into the tail (the same prompt was computed before) is asked again without the
+        cache."""
+        cut = [max(0, len(i) - params.prompt_logprobs_tail - 1) for i in ids]
+        warm = sampling_params(GenerationParams(max_new_tokens=1))
+        await asyncio.gather(*(self._one(i[:c], warm) for i, c in zip(ids, cut, strict=True) if c))
+        cached = sampling_params(params, skip_reading_prefix_cache=False, detokenize=False)
+        outs = list(await asyncio.gather(*(self._one(i, cached) for i in ids)))
+        again = [k for k, o in enumerate(outs) if (o.num_cached_tokens or 0) > cut[k]]
+        fresh = sampling_params(params, detokenize=False)
+        for k, o in zip(again, await asyncio.gather(*(self._one(ids[k], fresh) for k in again)), strict=True):
+            outs[k] = o
+        return outs
 
     async def stream(self, prompt: Prompt, params: GenerationParams) -> AsyncIterator[GenerationChunk]:
         """Text deltas as the engine produces them; closing the iteration aborts the request."""

