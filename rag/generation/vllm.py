@@ -259,14 +259,15 @@ class VLLMGenerator(TokenizerOps):
 
     async def _tail_logprobs(self, ids: list[list[int]], params: GenerationParams) -> list[Any]:
         """Scoring requests (one new token) that need only the last N prompt logprobs: vLLM would
-        compute the logits of every prompt position (the vocabulary-wide projection costs about
-        as much as the rest of the prefill on CPU), so each prompt's beginning, up to the token
-        before the tail, is prefilled first with no logprobs, and the whole prompt is then asked
-        reading that from the prefix cache: logits are computed for the uncached positions only.
-        vLLM fills the cached positions' prompt logprobs with garbage, so those requests skip
-        detokenizing (the one token's text is decoded here), and a prompt whose cached part
-        reaches into the tail (the same prompt was computed before) is asked again without the
-        cache."""
+        compute the vocabulary-wide logits of every prompt position (on CPU more than the prefill
+        itself: 75 s against 22 s for the cost benchmark's 192 passage prompts), so each prompt's
+        beginning, up to the token before the tail, is prefilled first with no logprobs, and the
+        whole prompt is then asked reading that from the prefix cache: logits are computed for
+        the positions after the cached blocks only. vLLM leaves the cached positions' prompt
+        logprobs uninitialised, so those requests skip detokenizing (the one token's text is
+        decoded here), and a prompt whose cached part reaches into the tail (the same prompt, or
+        one with the same tokens up to a block's end inside the tail, was computed before) is
+        asked again without the cache."""
         cut = [max(0, len(i) - params.prompt_logprobs_tail - 1) for i in ids]
         warm = sampling_params(GenerationParams(max_new_tokens=1))
         await asyncio.gather(*(self._one(i[:c], warm) for i, c in zip(ids, cut, strict=True) if c))
