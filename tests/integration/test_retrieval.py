@@ -151,7 +151,8 @@ def test_encoder_declared_prompts_and_presets_reach_the_manifest_and_the_queries
 
 
 @pytest.mark.parametrize("layout", ["flashrag", "dpr"])
-def test_import_wraps_an_existing_faiss_index_and_answers_like_it(tmp_path: Path, layout: str) -> None:
+def test_import_wraps_an_existing_faiss_index_and_answers_like_it(tmp_path: Path, layout: str,
+                                                                  shared_data: Path) -> None:
     """A FAISS index encoded elsewhere (FlashRAG: e5_Flat.index over the jsonl's contents; DPR:
     psgs_w100.tsv) becomes an index folder without re-encoding, and answers like the raw index."""
     import faiss
@@ -161,7 +162,7 @@ def test_import_wraps_an_existing_faiss_index_and_answers_like_it(tmp_path: Path
     from rag.errors import ConfigError
     from rag.index import import_index
 
-    data = Path(__file__).resolve().parents[3] / "shared" / "data"
+    data = shared_data
     if layout == "flashrag":
         lines = (data / "flashrag-toy/sample_data.jsonl").read_text().splitlines()[:200]
         corpus = tmp_path / "wiki18_100w.jsonl"
