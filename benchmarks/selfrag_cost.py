@@ -38,7 +38,7 @@ def questions(n: int, warmup: int) -> tuple[list[tuple[str, list[str]]], list[tu
     data = json.loads((SHARED / "squad-v1.1-dev/dev-v1.1.json").read_text())
     qs = [(qa["question"], [a["text"] for a in qa["answers"]])
           for art in data["data"] for para in art["paragraphs"] for qa in para["qas"]]
-    return qs[:n], qs[-warmup:]
+    return qs[:n], qs[len(qs) - warmup:]  # --warmup 0: none
 
 
 def measure(named: dict[str, Any], qs: list[tuple[str, list[str]]], warm: list[tuple[str, list[str]]],

@@ -65,8 +65,8 @@ class GenerationParams(_Frozen):
                                   "after the first (not when streaming)")
     prompt_logprobs_tail: int = Field(
         0, ge=0, description="with prompt_logprobs: only those of the prompt's last N tokens (0: all); "
-        "vLLM then computes the logits of those positions only (the rest of the prompt is prefilled "
-        "first and read back from its prefix cache)")
+        "for a one-token request without stop strings in-process vLLM then skips the logits of the "
+        "positions its prefix cache covers (the rest of the prompt is prefilled first)")
 
 
 class Generation(_Frozen):
