@@ -8,6 +8,7 @@ place of the reflection-token probabilities. Both feed the same scoring formula.
 
 from __future__ import annotations
 
+import asyncio
 import math
 from collections.abc import Sequence
 from typing import Any
@@ -189,9 +190,16 @@ class PromptedCritic:
             full = self.generator.encode(head + self.format.clean(q))
             prompts.append(full)
             lengths.append(max(1, len(full) - len(self.generator.encode(head))))
-        outs = await self.generator.agenerate(prompts, GenerationParams(max_new_tokens=1, prompt_logprobs=True,
-                                                                        prompt_logprobs_tail=max(lengths)))
-        lls = [sum(o.prompt_logprobs[-n:]) for o, n in zip(outs, lengths, strict=True)]
+        by_length: dict[int, list[int]] = {}  # a call per question length: each prompt's own tail only
+        for k, n in enumerate(lengths):
+            by_length.setdefault(n, []).append(k)
+        lls = [0.0] * len(pairs)
+        groups_out = await asyncio.gather(*(self.generator.agenerate(
+            [prompts[k] for k in ks], GenerationParams(max_new_tokens=1, prompt_logprobs=True, prompt_logprobs_tail=n))
+            for n, ks in by_length.items()))
+        for (n, ks), outs in zip(by_length.items(), groups_out, strict=True):
+            for k, o in zip(ks, outs, strict=True):
+                lls[k] = sum(o.prompt_logprobs[-n:])
         groups: dict[str, list[int]] = {}
         for k, (q, _) in enumerate(pairs):
             groups.setdefault(q, []).append(k)

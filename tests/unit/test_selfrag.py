@@ -394,7 +394,7 @@ def test_likelihood_relevance_is_a_softmax_of_question_log_likelihoods_hand_comp
     lls = [n * -0.5, n * -1.0, n * -2.0]
     z = sum(math.exp(x) for x in lls)
     assert rel[:3] == pytest.approx([math.exp(x) / z for x in lls]) and rel[3] == pytest.approx(1.0)
-    (prompts,) = g.calls
+    prompts = [p for call in g.calls for p in call]  # a call per question length
     assert len(prompts) == 4 and all("Writeaquestion" in p for p in prompts)
     assert prompts[0].endswith("<|im_start|>assistant" + neutralize(q, critic.extra_control).replace(" ", ""))
     assert neutralize(q, critic.extra_control) != q  # the question's chat marker was escaped
