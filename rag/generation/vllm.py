@@ -287,18 +287,22 @@ class VLLMGenerator(TokenizerOps):
         outs = list(await asyncio.gather(*(self._one(i, cached) for i in ids)))
         hashes = [_prefix_hashes(i) for i in ids]
         computed: dict[int, float] = {}  # prefix hash -> the logprob of its last token
-        for i, o, hs in zip(ids, outs, hashes, strict=True):
+
+        def learn(k: int) -> None:  # the positions outs[k] computed (those after its cached part)
+            i, o = ids[k], outs[k]
             for n in range((o.num_cached_tokens or 0) + 1, len(i)):
-                computed.setdefault(hs[n], float(o.prompt_logprobs[n][i[n]].logprob))
-        tails = [[computed[h] for h in hs[s:]] if all(h in computed for h in hs[s:]) else None
-                 for hs, s in zip(hashes, start, strict=True)]
-        again = [k for k, t in enumerate(tails) if t is None]
+                computed.setdefault(hashes[k][n], float(o.prompt_logprobs[n][i[n]].logprob))
+
+        for k in range(len(ids)):
+            learn(k)
+        again = [k for k in range(len(ids)) if not all(h in computed for h in hashes[k][start[k]:])]
         fresh = sampling_params(params, detokenize=False)
         for k, o in zip(again, await asyncio.gather(*(self._one(ids[k], fresh) for k in again)), strict=True):
             outs[k] = o
-            tails[k] = [float(o.prompt_logprobs[n][ids[k][n]].logprob) for n in range(start[k], len(ids[k]))]
+            learn(k)
         gens = []
-        for o, t in zip(outs, tails, strict=True):
+        for o, hs, s in zip(outs, hashes, start, strict=True):
+            t = [computed[h] for h in hs[s:]]
             g = to_generation(o, params.model_copy(update={"prompt_logprobs": False}))
             text = self.decode(g.token_ids[: -1 if g.finish_reason == "stop" else None])  # as vLLM: no stop token
             gens.append(g.model_copy(update={"text": text, "prompt_logprobs": t}))

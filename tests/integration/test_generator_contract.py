@@ -170,8 +170,8 @@ def test_prompt_logprobs_tail_are_the_last_of_them(gen: Any) -> None:
 def test_prompt_logprobs_tail_of_prompts_whose_tails_begin_alike(gen: Any, monkeypatch: pytest.MonkeyPatch) -> None:
     """One call, prompts that differ only near their end (as one passage asked several
     questions): each gets its own last N logprobs. vLLM reads the blocks the prompts share from
-    the prefix cache, into the tail of all but the first; those positions' logprobs come from the
-    prompt that computed them, so no prompt is computed a second time."""
+    the prefix cache, into the tail of those asked after the first; those positions' logprobs
+    come from the prompt that computed them, so no prompt is computed a second time."""
     if isinstance(gen, ScriptedGenerator):
         pytest.skip("scripted generations carry the prompt logprobs their script gives")
     from rag.generation.vllm import CPU_BLOCK_SIZE, VLLMGenerator
