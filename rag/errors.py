@@ -6,6 +6,8 @@
     │   └── DuplicatePassageError
     ├── IndexError_               an index folder is missing, incomplete or incompatible
     │   ├── IndexNotFoundError
+    │   ├── IndexCorruptError    a file is damaged, or the manifest no longer matches the files
+    │   ├── IndexBusyError       another process is changing the folder (names the holder)
     │   └── IndexMismatchError   the embedder differs from the one the index was built with
     ├── BackendUnavailableError  an optional library is not installed (names the extra)
     ├── ModelNotFoundError       a model id / folder cannot be found offline
@@ -50,6 +52,10 @@ class IndexCorruptError(IndexError_):
 
 class IndexMismatchError(IndexError_):
     pass
+
+
+class IndexBusyError(IndexError_):
+    """Another writer holds the folder's lock (the message names it)."""
 
 
 class BackendUnavailableError(RagError):

@@ -2,6 +2,11 @@
 
 All return `Hit`s with higher-is-better scores and 1-based ranks. ``filter`` restricts results
 to passages whose metadata (or id/title) equals every given value.
+
+`DenseRetriever.from_folder` and `BM25Retriever` open one published version of an index folder
+and keep serving it (a snapshot). `FollowingRetriever` (what `load_retriever` returns, and so
+every pipeline, ``rag serve`` included) follows the folder: each search first checks whether a
+newer version was published and, if so, opens it and serves it from then on.
 """
 
 from __future__ import annotations
@@ -9,6 +14,8 @@ from __future__ import annotations
 import logging
 import os
 import shutil
+import tempfile
+import threading
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Literal, Protocol, runtime_checkable
@@ -16,7 +23,7 @@ from typing import Any, Literal, Protocol, runtime_checkable
 import numpy as np
 
 from rag.embedding import Embedder, passage_text
-from rag.errors import ConfigError, missing_extra
+from rag.errors import ConfigError, RagError, missing_extra
 from rag.index.folder import (
     INDEX_FILE,
     STORE_FILE,
@@ -24,8 +31,9 @@ from rag.index.folder import (
     check_embedder,
     check_sizes,
     embedder_from_manifest,
-    read_manifest,
+    load_manifest,
 )
+from rag.index.owner import Pin, Version, changed, open_consistent
 from rag.index.vectors import FaissIndex, VectorIndex
 from rag.store import PassageStore
 from rag.types import Hit
@@ -46,6 +54,25 @@ class Retriever(Protocol):
 
 class _Base:
     store: PassageStore
+    folder: Path | None = None
+    version: Version | None = None
+    manifest: Manifest | None = None
+    _pin: Pin | None = None
+
+    def describe(self) -> dict[str, Any]:
+        """The index folder and the version this retriever serves (for /health and /v1/info)."""
+        m = self.manifest
+        return {"index": str(self.folder) if self.folder else None,
+                "version": self.version.number if self.version else None,
+                "passages": m.passages if m else len(self.store), "built_at": m.built_at if m else None,
+                "changes": len(m.history) if m else 0}
+
+    def close(self) -> None:
+        """Close the store and let go of the version (removed then if a newer one was published)."""
+        self.store.close()
+        if self._pin is not None:
+            self._pin.release()
+            self._pin = None
 
     def search(self, query: str, top_k: int = 10, *, filter: Filter | None = None) -> list[Hit]:
         return self.search_batch([query], top_k, filter=filter)[0]
@@ -97,14 +124,18 @@ class DenseRetriever(_Base):
             mmap: memory-map the index file instead of reading it (large indexes).
             precision: query encoder precision (default: the one the index was built with).
         """
-        folder = Path(folder)
-        manifest = read_manifest(folder)
-        check_sizes(folder)
-        embedder = embedder or embedder_from_manifest(manifest, **({"precision": precision} if precision else {}))
-        check_embedder(manifest, embedder, folder)
-        store = PassageStore(folder / STORE_FILE, readonly=True)
-        index = FaissIndex.load(folder / INDEX_FILE, metric=manifest.metric, device=device, mmap=mmap)
-        return cls(embedder, index, store, manifest=manifest, folder=folder, nprobe=nprobe, ef_search=ef_search)
+        def opener(path: Path) -> DenseRetriever:
+            manifest = load_manifest(path)
+            check_sizes(path)
+            emb = embedder or embedder_from_manifest(manifest, **({"precision": precision} if precision else {}))
+            check_embedder(manifest, emb, folder)
+            store = PassageStore(path / STORE_FILE, readonly=True)
+            index = FaissIndex.load(path / INDEX_FILE, metric=manifest.metric, device=device, mmap=mmap)
+            return cls(emb, index, store, manifest=manifest, folder=folder, nprobe=nprobe, ef_search=ef_search)
+
+        retriever, version, pin = open_consistent(folder, opener)
+        retriever.version, retriever._pin = version, pin
+        return retriever
 
     def search_vectors(self, vectors: np.ndarray, top_k: int = 10, *,
                        filter: Filter | None = None, nprobe: int | None = None,
@@ -143,37 +174,47 @@ class BM25Retriever(_Base):
         self._bm25s = bm25s
         logging.getLogger("bm25s").setLevel(logging.WARNING)
         self.folder = Path(folder)
-        self.manifest = read_manifest(self.folder)
-        check_sizes(self.folder)
-        self.store = PassageStore(self.folder / STORE_FILE, readonly=True)
         self.stopwords = stopwords
-        self.model, self.rows = self._load_or_build(k1, b)
 
-    def _load_or_build(self, k1: float, b: float) -> tuple[Any, np.ndarray]:
-        """The BM25 model and, per BM25 document, its store row."""
-        bm25s, cache = self._bm25s, self.folder / "bm25"
-        m = self.manifest
+        def opener(path: Path) -> tuple[Manifest, PassageStore, Any, np.ndarray]:
+            manifest = load_manifest(path)
+            check_sizes(path)
+            store = PassageStore(path / STORE_FILE, readonly=True)
+            return (manifest, store, *self._load_or_build(path, manifest, store, k1, b))
+
+        (self.manifest, self.store, self.model, self.rows), self.version, self._pin = open_consistent(
+            self.folder, opener)
+
+    def _load_or_build(self, path: Path, m: Manifest, store: PassageStore, k1: float,
+                       b: float) -> tuple[Any, np.ndarray]:
+        """The BM25 model and, per BM25 document, its store row (cached in the version's bm25/)."""
+        bm25s, cache = self._bm25s, path / "bm25"
         stamp = f"{m.passages}:{m.deleted}:{m.built_at}:{len(m.history)}:{k1}:{b}:{self.stopwords}"
         if (cache / "stamp").exists() and (cache / "stamp").read_text() == stamp:
             return bm25s.BM25.load(str(cache), show_progress=False, verbosity=0), np.load(cache / "rows.npy")
-        log.info("building the BM25 index of %s (%d passages)", self.folder, len(self.store))
+        log.info("building the BM25 index of %s (%d passages)", path, len(store))
         rows, texts = [], []
-        for row, p in self.store.iter_rows():
+        for row, p in store.iter_rows():
             rows.append(row)
             texts.append(passage_text(p.title, p.text))
         tokens = bm25s.tokenize(texts, stopwords=self.stopwords, show_progress=False)
         model = bm25s.BM25(k1=k1, b=b)
         model.index(tokens, show_progress=False)
-        tmp = self.folder / "bm25.tmp"
-        shutil.rmtree(tmp, ignore_errors=True)
-        try:
+        tmp = None
+        try:  # each reader its own temporary folder: two servers may build the cache at once
+            tmp = Path(tempfile.mkdtemp(prefix=".bm25-", dir=path))
             model.save(str(tmp), show_progress=False)
             np.save(tmp / "rows.npy", np.asarray(rows, dtype=np.int64))
             (tmp / "stamp").write_text(stamp)
-            shutil.rmtree(cache, ignore_errors=True)
+            if cache.exists():  # a stale cache (folders of the old layout): out of the way first
+                old = Path(tempfile.mkdtemp(prefix=".bm25-old-", dir=path))
+                os.rename(cache, old / "bm25")
+                shutil.rmtree(old, ignore_errors=True)
             os.rename(tmp, cache)
-        except OSError as e:  # a read-only index folder still serves, just without the cache
-            log.warning("could not cache the BM25 index in %s: %s", cache, e)
+        except OSError as e:  # read-only, or another reader published its cache first: serve anyway
+            log.debug("did not cache the BM25 index in %s: %s", cache, e)
+            if tmp is not None:
+                shutil.rmtree(tmp, ignore_errors=True)
         return model, np.asarray(rows, dtype=np.int64)
 
     def search_batch(self, queries: Sequence[str], top_k: int = 10, *,
@@ -231,7 +272,14 @@ class HybridRetriever(_Base):
                  dense_weight: float = 0.5, rrf_k: int = 60, candidates: int = 100):
         self.dense, self.bm25, self.candidates = dense, bm25, candidates
         self.method, self.dense_weight, self.rrf_k = method, dense_weight, rrf_k
-        self.store = dense.store
+        self.store, self.folder, self.version, self.manifest = dense.store, dense.folder, dense.version, dense.manifest
+
+    def close(self) -> None:
+        self.dense.close()
+        self.bm25.close()
+        if self._pin is not None:
+            self._pin.release()
+            self._pin = None
 
     def search_batch(self, queries: Sequence[str], top_k: int = 10, *,
                      filter: Filter | None = None) -> list[list[Hit]]:
@@ -247,10 +295,125 @@ class HybridRetriever(_Base):
         return out
 
 
+def _open_mode(path: Path, mode: Mode, *, device: str, embedder: Embedder | None,
+               fusion: dict[str, Any] | None, **kwargs: Any) -> _Base:
+    if mode == "dense":
+        return DenseRetriever.from_folder(path, embedder=embedder, device=device, **kwargs)
+    if mode == "bm25":
+        return BM25Retriever(path)
+    if mode == "hybrid":
+        return HybridRetriever(DenseRetriever.from_folder(path, embedder=embedder, device=device, **kwargs),
+                               BM25Retriever(path), **(fusion or {}))
+    raise ConfigError(f"unknown retrieval mode {mode!r}; use dense, bm25 or hybrid")
+
+
+def open_retriever(folder: str | Path, mode: Mode = "dense", *, device: str = "auto",
+                   embedder: Embedder | None = None, fusion: dict[str, Any] | None = None,
+                   **kwargs: Any) -> _Base:
+    """A retriever of ``mode`` over the version ``folder`` publishes now, pinned (a snapshot:
+    it keeps serving that version; `close` lets go of it)."""
+    folder = Path(folder)
+    r, version, pin = open_consistent(
+        folder, lambda path: _open_mode(path, mode, device=device, embedder=embedder, fusion=fusion, **kwargs))
+    for part in (r, getattr(r, "dense", None), getattr(r, "bm25", None)):
+        if part is not None:
+            part.folder, part.version = folder, version
+    r._pin = pin
+    return r
+
+
+class FollowingRetriever:
+    """A retriever over an index folder that serves its newest published version.
+
+    Each search starts with one ``readlink`` of the folder's ``current`` link; when a change was
+    published since, the new version is opened (the query encoder is reused) and serves this
+    search and every later one. A search already running finishes on the version it started
+    with, which stays on disk until then; the last search on an old version lets go of it. If the
+    new version cannot be opened, the error is logged and the old one keeps serving.
+    """
+
+    def __init__(self, folder: str | Path, mode: Mode = "dense", *, device: str = "auto",
+                 embedder: Embedder | None = None, fusion: dict[str, Any] | None = None, **kwargs: Any):
+        self.folder, self.mode, self.device, self.fusion = Path(folder), mode, device, fusion
+        self._kwargs = kwargs
+        self._lock = threading.Lock()
+        self._users: dict[int, int] = {}  # id(retriever) -> searches running on it; guarded by _lock
+        self._retired: list[_Base] = []  # replaced, closed when their last search ends; guarded by _lock
+        self._failed: Version | None = None
+        self.current = open_retriever(self.folder, mode, device=device, embedder=embedder, fusion=fusion, **kwargs)
+        dense = self.current.dense if isinstance(self.current, HybridRetriever) else self.current
+        self.embedder = dense.embedder if isinstance(dense, DenseRetriever) else embedder
+
+    @property
+    def store(self) -> PassageStore:
+        return self.current.store
+
+    @property
+    def version(self) -> Version | None:
+        return self.current.version
+
+    def describe(self) -> dict[str, Any]:
+        return {**self.current.describe(), "follows": True}
+
+    def refresh(self) -> bool:
+        """Open the newest version if it is not the one served; True if it switched."""
+        served = self.current
+        if served.version is None or not changed(self.folder, served.version):
+            return False
+        with self._lock:
+            if self.current is not served:
+                return True  # another search switched meanwhile
+            try:
+                new = open_retriever(self.folder, self.mode, device=self.device, embedder=self.embedder,
+                                     fusion=self.fusion, **self._kwargs)
+            except RagError as e:
+                if self._failed != served.version:
+                    log.error("%s: keeping version %s; the newly published one cannot be opened: %s",
+                              self.folder, served.version.number, e)
+                self._failed = served.version
+                return False
+            self.current = new
+            self._retired.append(served)
+            self._close_idle()
+        log.info("%s: now serving version %s", self.folder, new.version.number if new.version else "?")
+        return True
+
+    def _close_idle(self) -> None:
+        for r in [r for r in self._retired if not self._users.get(id(r))]:
+            self._retired.remove(r)
+            r.close()
+
+    def search_batch(self, queries: Sequence[str], top_k: int = 10, *, filter: Filter | None = None,
+                     **kwargs: Any) -> list[list[Hit]]:
+        self.refresh()
+        with self._lock:
+            r = self.current
+            self._users[id(r)] = self._users.get(id(r), 0) + 1
+        try:
+            return r.search_batch(queries, top_k, filter=filter, **kwargs)
+        finally:
+            with self._lock:
+                self._users[id(r)] -= 1
+                if not self._users[id(r)]:
+                    del self._users[id(r)]
+                self._close_idle()
+
+    def search(self, query: str, top_k: int = 10, *, filter: Filter | None = None) -> list[Hit]:
+        return self.search_batch([query], top_k, filter=filter)[0]
+
+    def close(self) -> None:
+        with self._lock:
+            for r in [*self._retired, self.current]:
+                r.close()
+            self._retired.clear()
+
+
 def sibling_retriever(retriever: Retriever, mode: Mode, *, device: str = "auto",
                       fusion: dict[str, Any] | None = None) -> Retriever:
     """A retriever of another mode over the same index folder, reusing the parts ``retriever``
-    already has (its encoder and FAISS index, its BM25 model)."""
+    already has (its encoder and FAISS index, its BM25 model; a following retriever's encoder)."""
+    if isinstance(retriever, FollowingRetriever):
+        return FollowingRetriever(retriever.folder, mode, device=device, embedder=retriever.embedder, fusion=fusion)
     dense = retriever.dense if isinstance(retriever, HybridRetriever) else retriever
     bm25 = retriever.bm25 if isinstance(retriever, HybridRetriever) else retriever
     folder = getattr(dense, "folder", None)
@@ -275,14 +438,7 @@ def sibling_retriever(retriever: Retriever, mode: Mode, *, device: str = "auto",
 
 def load_retriever(folder: str | Path, mode: Mode = "dense", *, device: str = "auto",
                    embedder: Embedder | None = None, fusion: dict[str, Any] | None = None,
-                   **kwargs: Any) -> Retriever:
-    """A retriever over an index folder: ``dense``, ``bm25`` or ``hybrid`` (``fusion``: the
-    keyword arguments of `HybridRetriever`)."""
-    if mode == "dense":
-        return DenseRetriever.from_folder(folder, embedder=embedder, device=device, **kwargs)
-    if mode == "bm25":
-        return BM25Retriever(folder)
-    if mode == "hybrid":
-        return HybridRetriever(DenseRetriever.from_folder(folder, embedder=embedder, device=device, **kwargs),
-                               BM25Retriever(folder), **(fusion or {}))
-    raise ConfigError(f"unknown retrieval mode {mode!r}; use dense, bm25 or hybrid")
+                   **kwargs: Any) -> FollowingRetriever:
+    """A retriever over an index folder that follows its changes: ``dense``, ``bm25`` or
+    ``hybrid`` (``fusion``: the keyword arguments of `HybridRetriever`)."""
+    return FollowingRetriever(folder, mode, device=device, embedder=embedder, fusion=fusion, **kwargs)

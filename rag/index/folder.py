@@ -1,22 +1,21 @@
-"""An index folder: its files, its typed manifest, checksums, and how a new version replaces it.
+"""An index version's files, its typed manifest, checksums, and how a finished change is published.
 
-Folder layout (``indexes/<name>/``)::
+A version folder (``versions/v<N>/``, see `rag.index.owner` for the whole layout)::
 
     index.faiss     the vector index (always written from a CPU copy); label i = store row i
     passages.db     PassageStore (SQLite): live passages by row, and the rows deleted since the
                     last compaction (their vectors stay in index.faiss, never returned)
     manifest.json   embedder identity, factory, metric, counts, corpora and their fingerprints,
-                    change history, size + sha256 of every other file, versions
+                    change history, size + sha256 of every other file, versions, its own digest
     report.json     what the builds read: passages, empty texts skipped, bad lines skipped
     bm25/           the BM25 cache (made on first BM25 search; not checksummed)
 
-Every change (build, add, delete, upsert, sync, compact) is made in a sibling work folder and
-swapped in by one atomic directory exchange, so a reader sees the old or the new index.
+Nothing in a published version is written again: a change copies what it needs into its work
+folder and `finish` publishes the result as the next version.
 """
 
 from __future__ import annotations
 
-import ctypes
 import hashlib
 import json
 import logging
@@ -31,7 +30,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from rag.config import IndexRecipe
 from rag.embedding import Embedder, identity, load_embedder, resolve_prompts
-from rag.errors import IndexCorruptError, IndexMismatchError, IndexNotFoundError
+from rag.errors import IndexCorruptError, IndexMismatchError
+from rag.index.owner import CURRENT, LINKED, WORK, Version, Writer, current_version, not_found
 
 log = logging.getLogger(__name__)
 
@@ -60,6 +60,14 @@ class Manifest(BaseModel):
     build_key: str = ""
     history: list[dict[str, Any]] = Field(default_factory=list, description="changes after the build")
     files: dict[str, dict[str, Any]] = Field(default_factory=dict, description="bytes and sha256 per file")
+    version: int = Field(0, description="the version number (versions/v<N>); 0: written before versions")
+    change_key: str = Field("", description="the build or change that wrote this version (resuming it)")
+    digest: str = Field("", description="sha256 of the rest of the manifest, so verify sees a hand edit")
+
+
+def manifest_digest(manifest: Manifest) -> str:
+    data = json.dumps(manifest.model_dump(exclude={"digest"}), sort_keys=True, ensure_ascii=False)
+    return "sha256:" + hashlib.sha256(data.encode()).hexdigest()
 
 
 def versions() -> dict[str, str]:
@@ -79,16 +87,22 @@ def atomic_write_json(path: Path, data: Any) -> None:
 
 
 def read_manifest(folder: str | Path) -> Manifest:
-    path = Path(folder) / MANIFEST_FILE
-    if not path.exists():
-        hint = " (a build is in progress or was interrupted: run the same build again to resume)" \
-            if Path(str(folder) + ".partial").exists() else ""
-        raise IndexNotFoundError(f"no index at {folder}: {MANIFEST_FILE} missing{hint}; "
-                                 "build one with 'rag index build'")
+    """The manifest of the version ``folder`` publishes (or of a version folder itself)."""
+    folder = Path(folder)
+    version = current_version(folder)
+    if version is None:
+        raise not_found(folder)
+    return load_manifest(version.path)
+
+
+def load_manifest(version: Path) -> Manifest:
+    path = version / MANIFEST_FILE
     try:
-        return Manifest.model_validate_json(path.read_text(encoding="utf-8"))
-    except (ValidationError, UnicodeDecodeError) as e:
-        first = e.errors()[0] if isinstance(e, ValidationError) else {"loc": (), "msg": str(e)}
+        return Manifest.model_validate_json(path.read_bytes())
+    except FileNotFoundError:
+        raise not_found(version) from None
+    except ValidationError as e:
+        first = e.errors()[0]
         field = ".".join(map(str, first["loc"])) or "the file"
         raise damaged(path, f"not a valid manifest ({field}: {first['msg']})") from None
 
@@ -105,7 +119,7 @@ def check_embedder(manifest: Manifest, embedder: Embedder, folder: str | Path) -
     if diffs:
         raise IndexMismatchError(
             f"index {folder} was built with a different embedder ({'; '.join(diffs)}). "
-            f"Query it with --embedder {built.get('name')} (the default), or rebuild it: "
+            f"Query it with the embedder it names (leave the pipeline's or recipe's embedder unset), or rebuild it: "
             f"rag index build --corpus ... --out {folder} --embedder {got['name']}")
 
 
@@ -142,22 +156,80 @@ def file_records(folder: Path) -> dict[str, dict[str, Any]]:
 
 
 def verify(folder: str | Path, *, checksums: bool = True) -> list[str]:
-    """Problems with a folder's files against its manifest, one line each (empty: intact).
-    ``checksums=False`` compares sizes only (cheap enough for every open)."""
+    """Problems with the published version of ``folder``, one line each (empty: intact): its
+    files against the sizes and sha256 its manifest recorded, the manifest against its own
+    digest, the counts, dimension and metric of the store and the FAISS index against the
+    manifest, and the links at the top of the folder. ``checksums=False`` compares sizes and
+    the digest only (cheap enough for every open)."""
     folder = Path(folder)
-    manifest = read_manifest(folder)
-    if not manifest.files:
-        return []  # built before checksums were recorded
+    version = current_version(folder)
+    if version is None:
+        raise not_found(folder)
+    problems = check_version(version.path, checksums=checksums)
+    if version.path != folder and version.path != folder / CURRENT:
+        problems += _check_links(folder, version)
+    return problems
+
+
+def check_version(path: Path, *, checksums: bool = True) -> list[str]:
+    """`verify` for one version folder."""
+    manifest = load_manifest(path)
     problems = []
+    if manifest.digest and manifest.digest != manifest_digest(manifest):
+        problems.append(f"{path / MANIFEST_FILE}: edited after it was written (its digest differs); its fields "
+                        "(metric, factory, embedder, counts) decide how the index is searched: restore the file")
     for name, rec in manifest.files.items():
-        path = folder / name
-        if not path.exists():
-            problems.append(f"{path}: missing")
-        elif path.stat().st_size != rec["bytes"]:
-            problems.append(f"{path}: {path.stat().st_size} bytes, the manifest recorded {rec['bytes']} "
+        file = path / name
+        if not file.exists():
+            problems.append(f"{file}: missing")
+        elif file.stat().st_size != rec["bytes"]:
+            problems.append(f"{file}: {file.stat().st_size} bytes, the manifest recorded {rec['bytes']} "
                             "(truncated or overwritten)")
-        elif checksums and sha256(path) != rec["sha256"]:
-            problems.append(f"{path}: sha256 differs from the manifest (corrupted)")
+        elif checksums and sha256(file) != rec["sha256"]:
+            problems.append(f"{file}: sha256 differs from the manifest (corrupted)")
+    if checksums and not problems and manifest.files:
+        problems += _check_contents(path, manifest)
+    return problems
+
+
+def _check_contents(path: Path, manifest: Manifest) -> list[str]:
+    """The store's and the FAISS index's counts, dimension and metric against the manifest."""
+    from rag.errors import RagError
+    from rag.index.vectors import FaissIndex
+    from rag.store import PassageStore
+
+    try:
+        with PassageStore(path / STORE_FILE, readonly=True) as store:
+            live, deleted = len(store), len(store.deleted_rows())
+        index = FaissIndex.load(path / INDEX_FILE, metric=manifest.metric, device="cpu", mmap=True)
+    except RagError as e:
+        return [str(e)]
+    problems = []
+    if (live, deleted) != (manifest.passages, manifest.deleted):
+        problems.append(f"{path / STORE_FILE}: {live} live and {deleted} deleted passages, the manifest says "
+                        f"{manifest.passages} and {manifest.deleted}")
+    if index.ntotal != live + deleted:
+        problems.append(f"{path / INDEX_FILE}: {index.ntotal} vectors for {live + deleted} store rows")
+    if index.dim != manifest.embedder.get("dim"):
+        problems.append(f"{path / INDEX_FILE}: {index.dim}-d vectors, the manifest's embedder "
+                        f"{manifest.embedder.get('dim')}-d")
+    metric = {0: "ip", 1: "l2"}.get(int(index.cpu_index.metric_type), str(index.cpu_index.metric_type))
+    if metric != manifest.metric:
+        problems.append(f"{path / INDEX_FILE}: metric {metric}, the manifest says {manifest.metric}")
+    return problems
+
+
+def _check_links(folder: Path, version: Version) -> list[str]:
+    problems = []
+    for name in LINKED:
+        top, want = folder / name, f"{CURRENT}/{name}"
+        if top.is_symlink():
+            if os.readlink(top) != want:
+                problems.append(f"{top}: points to {os.readlink(top)}, not to {want} (changed by hand)")
+        elif top.exists():
+            problems.append(f"{top}: a file where the link to {want} belongs (replaced by hand)")
+        elif (version.path / name).exists():
+            problems.append(f"{top}: missing (the link to {want})")
     return problems
 
 
@@ -166,51 +238,76 @@ def damaged(path: Path, what: str) -> IndexCorruptError:
                              f"(rag index build ... --out {path.parent} --force) or restore it from a copy")
 
 
-def check_sizes(folder: Path) -> None:
-    """Refuse to open a folder whose files are not the sizes its manifest recorded."""
-    problems = verify(folder, checksums=False)
+def check_sizes(version: Path) -> None:
+    """Refuse to open a version whose files are not the sizes its manifest recorded."""
+    problems = check_version(version, checksums=False)
     if problems:
-        raise IndexCorruptError(f"{problems[0]}; the index folder is damaged: run rag index verify {folder}, "
-                                f"then rebuild it (rag index build ... --out {folder} --force) or restore it")
+        raise IndexCorruptError(f"{problems[0]}; the index folder is damaged: run rag index verify on it, "
+                                "then rebuild it (rag index build ... --force) or restore it")
+
+
+def check_intact(folder: Path) -> Version:
+    """The folder's published version, refused if `verify` finds anything (before a change)."""
+    version = current_version(folder)
+    if version is None:
+        raise not_found(folder)
+    problems = verify(folder)
+    if problems:
+        more = f" (and {len(problems) - 1} more problems)" if len(problems) > 1 else ""
+        raise IndexCorruptError(f"{problems[0]}{more}; nothing was changed: the index folder is damaged. "
+                                f"See rag index verify {folder}, then rebuild it (rag index build ... --out "
+                                f"{folder} --force) or restore it from a copy")
+    return version
 
 
 def write_manifest(folder: Path, manifest: Manifest) -> Manifest:
     """Record the files' checksums and write the manifest (last: it marks the folder finished)."""
     manifest = manifest.model_copy(update={"files": file_records(folder), "versions": versions()})
+    manifest = manifest.model_copy(update={"digest": manifest_digest(manifest)})
     atomic_write_json(folder / MANIFEST_FILE, manifest.model_dump())
     return manifest
 
 
-def _exchange(a: Path, b: Path) -> bool:
-    """Swap two directories in one step (Linux renameat2 RENAME_EXCHANGE); False if unsupported."""
-    if sys.platform != "linux":
-        return False
-    try:
-        libc = ctypes.CDLL(None, use_errno=True)
-        fn = libc.renameat2
-    except (OSError, AttributeError):
-        return False
-    at_fdcwd, rename_exchange = -100, 2
-    return fn(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0
+def finish(writer: Writer, work: Path, manifest: Manifest, key: str) -> Manifest:
+    """Publish the finished ``work`` folder as the folder's next version."""
+    shutil.rmtree(work / "emb", ignore_errors=True)
+    shutil.rmtree(work / "todo", ignore_errors=True)  # ray builds' window texts
+    if (work / STORE_FILE).exists():
+        import sqlite3
 
-
-def publish(partial: Path, out: Path) -> None:
-    """Replace ``out`` with the finished ``partial`` folder: one atomic exchange where the
-    system has it (readers see the old or the new folder), else two renames."""
-    shutil.rmtree(partial / "emb", ignore_errors=True)
-    shutil.rmtree(partial / "todo", ignore_errors=True)  # ray builds' window texts
-    for leftover in partial.glob("passages.db-*"):  # SQLite WAL/SHM, checkpointed on close
+        db = sqlite3.connect(work / STORE_FILE)
+        try:  # readers of a published version then create no -wal/-shm files beside it
+            db.execute("PRAGMA journal_mode=DELETE")
+        finally:
+            db.close()
+    for leftover in work.glob("passages.db-*"):
         leftover.unlink()
-    if out.exists() and _exchange(partial, out):
-        shutil.rmtree(partial, ignore_errors=True)  # now the old version
-        return
-    old = out.with_name(out.name + ".old")
-    if out.exists():
-        shutil.rmtree(old, ignore_errors=True)
-        os.rename(out, old)
-    os.rename(partial, out)
-    shutil.rmtree(old, ignore_errors=True)
+    manifest = write_manifest(work, manifest.model_copy(update={"version": writer.next_number(),
+                                                                "change_key": key}))
+    writer.publish(work, manifest.version)
+    return manifest
+
+
+def resume_finished(writer: Writer, key: str) -> Manifest | None:
+    """The manifest of change ``key`` if a killed run of it already finished its work: an
+    unpublished version (published now) or a work folder with its manifest written (published now)."""
+    version = writer.unpublished(key)
+    if version is not None:
+        writer.make_current(version)
+        return load_manifest(version.path)
+    work = writer.folder / WORK / key
+    if (work / MANIFEST_FILE).exists():
+        return finish(writer, work, load_manifest(work), key)
+    return None
 
 
 def folder_size(folder: str | Path) -> int:
-    return sum(f.stat().st_size for f in Path(folder).rglob("*") if f.is_file())
+    """Bytes on disk under ``folder`` (links not followed, hard-linked files counted once)."""
+    seen, total = set(), 0
+    for root, _, files in os.walk(folder):  # does not descend into `current`
+        for name in files:
+            st = os.lstat(os.path.join(root, name))
+            if not os.path.islink(os.path.join(root, name)) and (st.st_dev, st.st_ino) not in seen:
+                seen.add((st.st_dev, st.st_ino))
+                total += st.st_size
+    return total

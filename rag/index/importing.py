@@ -28,10 +28,11 @@ from rag.index.folder import (
     STORE_FILE,
     Manifest,
     atomic_write_json,
-    publish,
+    finish,
     versions,
-    write_manifest,
 )
+from rag.index.owner import writing
+from rag.index.update import resolve_corpus
 from rag.index.vectors import FaissIndex, import_faiss
 from rag.store import PassageStore
 
@@ -87,7 +88,7 @@ def import_index(index_file: str | Path, corpus: str | Path, out: str | Path, *,
         IndexCorruptError: FAISS cannot read ``index_file``.
     """
     t0 = time.time()
-    index_file, out = Path(index_file), Path(out)
+    index_file, out, corpus = Path(index_file), Path(out), resolve_corpus(corpus)
     if not index_file.is_file():
         raise ConfigError(f"{index_file}: no such FAISS index file")
     index = FaissIndex.load(index_file, device="cpu")
@@ -97,49 +98,48 @@ def import_index(index_file: str | Path, corpus: str | Path, out: str | Path, *,
         raise ConfigError(f"{index_file}: metric {found or index.cpu_index.metric_type} "
                           f"{'is not supported (ip or l2)' if found is None else f'but --metric {metric}'}")
     index.metric = found
-    partial = out.with_name(out.name + ".partial")
-    shutil.rmtree(partial, ignore_errors=True)
-    partial.mkdir(parents=True)
-    report = ReadReport()
-    with PassageStore(partial / STORE_FILE) as store:
-        for batch in batches(iter_records(corpus, format, report=report), 10_000):
-            store.add([r.passage for r in batch], sources=[r.source for r in batch],
-                      locations=[f"{r.source}:{r.line}" if r.line else r.source for r in batch])
-        count = len(store)
-        if count != index.ntotal:
-            raise ConfigError(f"{corpus} holds {count} passages ({report.empty_skipped} empty skipped) but "
-                              f"{index_file} holds {index.ntotal} vectors; give the corpus the index was built "
-                              "from, in the same order")
-        query, passage = resolve_prompts(embedder, prompts, query_prompt, passage_prompt)
-        emb = embedder_obj or load_embedder(embedder, normalize=normalize, query_prompt=query, passage_prompt=passage)
-        worst: float | None = None
-        try:
-            ident = identity(emb)
-        except (ModelNotFoundError, RagError, OSError) as e:
+    with writing(out, "import", create=True) as w:
+        partial = w.work("import", fresh=True)
+        report = ReadReport()
+        with PassageStore(partial / STORE_FILE) as store:
+            for batch in batches(iter_records(corpus, format, report=report), 10_000):
+                store.add([r.passage for r in batch], sources=[r.source for r in batch],
+                          locations=[f"{r.source}:{r.line}" if r.line else r.source for r in batch])
+            count = len(store)
+            if count != index.ntotal:
+                raise ConfigError(f"{corpus} holds {count} passages ({report.empty_skipped} empty skipped) but "
+                                  f"{index_file} holds {index.ntotal} vectors; give the corpus the index was built "
+                                  "from, in the same order")
+            query, passage = resolve_prompts(embedder, prompts, query_prompt, passage_prompt)
+            emb = embedder_obj or load_embedder(embedder, normalize=normalize, query_prompt=query,
+                                                passage_prompt=passage)
+            worst: float | None = None
+            try:
+                ident = identity(emb)
+            except (ModelNotFoundError, RagError, OSError) as e:
+                if check:
+                    raise ConfigError(f"cannot load the encoder {embedder} to check the import ({e}); "
+                                      "give a local folder, or pass --no-check") from None
+                ident = {"name": embedder, "dim": index.dim, "normalize": normalize, "query_prompt": query,
+                         "passage_prompt": passage, "precision": "fp32"}
+            if ident["dim"] != index.dim:
+                raise ConfigError(f"{index_file} holds {index.dim}-dimensional vectors, "
+                                  f"{embedder} makes {ident['dim']}")
             if check:
-                raise ConfigError(f"cannot load the encoder {embedder} to check the import ({e}); "
-                                  "give a local folder, or pass --no-check") from None
-            ident = {"name": embedder, "dim": index.dim, "normalize": normalize, "query_prompt": query,
-                     "passage_prompt": passage, "precision": "fp32"}
-        if ident["dim"] != index.dim:
-            raise ConfigError(f"{index_file} holds {index.dim}-dimensional vectors, {embedder} makes {ident['dim']}")
-        if check:
-            fmt = detect_format(corpus) if format == "auto" else format
-            worst = _sample_check(index, store, emb, sample, min_cosine, normalize, fmt)
-    try:
-        os.link(index_file, partial / INDEX_FILE)  # the same bytes; never written in place
-    except OSError:
-        shutil.copyfile(index_file, partial / INDEX_FILE)
-    manifest = Manifest(
-        name=out.name, embedder=ident, factory=describe(index.cpu_index), metric=found, passages=count,
-        corpora=[{"path": str(corpus), "format": format, "fingerprint": corpus_fingerprint(corpus, format),
-                  "passages": count}],
-        versions=versions(), built_at=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        build_seconds=round(time.time() - t0, 3),
-        history=[{"op": "import", "index": str(index_file), "sampled": sample if check else 0,
-                  "min_cosine": worst}])
-    atomic_write_json(partial / REPORT_FILE, {"corpora": [report.to_json()]})
-    manifest = write_manifest(partial, manifest)
-    publish(partial, out)
-    return manifest
+                fmt = detect_format(corpus) if format == "auto" else format
+                worst = _sample_check(index, store, emb, sample, min_cosine, normalize, fmt)
+        try:
+            os.link(index_file, partial / INDEX_FILE)  # the same bytes; never written in place
+        except OSError:
+            shutil.copyfile(index_file, partial / INDEX_FILE)
+        manifest = Manifest(
+            name=out.name, embedder=ident, factory=describe(index.cpu_index), metric=found, passages=count,
+            corpora=[{"path": str(corpus), "format": format, "fingerprint": corpus_fingerprint(corpus, format),
+                      "passages": count}],
+            versions=versions(), built_at=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            build_seconds=round(time.time() - t0, 3),
+            history=[{"op": "import", "index": str(index_file), "sampled": sample if check else 0,
+                      "min_cosine": worst}])
+        atomic_write_json(partial / REPORT_FILE, {"corpora": [report.to_json()]})
+        return finish(w, partial, manifest, "import")
 

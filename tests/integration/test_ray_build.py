@@ -142,7 +142,7 @@ def test_ray_build_on_two_nodes_equals_local_build(cluster: dict[str, str], loca
     assert json.loads(r.stdout)["passages"] == 96
     assert "ray build: 6 windows on 2 nodes" in r.stderr  # both node processes encoded
     _assert_same_index(local, dist, atol=1e-5)  # batch composition differs: float noise only
-    assert not Path(str(dist) + ".partial").exists()
+    assert not (dist / ".work").exists()
 
 
 def test_killed_ray_build_resumes_with_only_the_missing_windows(cluster: dict[str, str], local96: tuple[Path, Path],
@@ -153,15 +153,14 @@ def test_killed_ray_build_resumes_with_only_the_missing_windows(cluster: dict[st
             "--ray", cluster["ADDRESS"], "--ray-window", "8"]
     proc = subprocess.Popen([str(Path(sys.executable).with_name("rag")), *args], env={**os.environ, **cluster},
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    emb = Path(str(out) + ".partial") / "emb"
     deadline = time.time() + 300
-    while not (emb.exists() and any(emb.glob("0*.npy"))):
+    while not any(out.glob(".work/*/emb/0*.npy")):
         assert proc.poll() is None, "the build ended before it could be interrupted"
         assert time.time() < deadline
         time.sleep(0.05)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
-    assert not out.exists()
+    assert not (out / "current").exists()  # nothing published
     r = run_cli("--debug", *args, env=cluster)
     assert r.returncode == 0, r.stderr[-3000:]
     resumed = [line for line in r.stderr.splitlines() if "resuming ray build" in line]
@@ -180,7 +179,7 @@ def test_ray_build_reports_bad_lines_like_a_local_build(cluster: dict[str, str],
     assert failed.returncode == 1
     assert f"{corpus}:6" in failed.stderr and "--skip-bad-lines" in failed.stderr
     assert failed.stderr == _build(corpus, tmp_path / "b", embedder="hash:32").stderr  # as a local build
-    assert not (tmp_path / "a").exists()
+    assert not (tmp_path / "a" / "current").exists() and not (tmp_path / "a" / ".work").exists()
 
     assert _build(corpus, tmp_path / "l", "--skip-bad-lines", embedder="hash:32").returncode == 0
     r = _build(corpus, tmp_path / "r", "--skip-bad-lines", *ray, env=cluster, embedder="hash:32")

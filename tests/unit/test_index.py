@@ -107,7 +107,7 @@ def test_build_then_search_exact_ids_filter_and_manifest(tmp_path: Path) -> None
     assert not (tmp_path / "idx.partial").exists()
     r = DenseRetriever.from_folder(tmp_path / "idx")
     # a passage's own text finds itself first
-    target = next(p for p in PassageStore(tmp_path / "idx" / "passages.db").iter_passages()
+    target = next(p for p in PassageStore(tmp_path / "idx" / "passages.db", readonly=True).iter_passages()
                   if p.id == "p42")
     hits = r.search(f"{target.title}\n{target.text}", 3)
     assert hits[0].passage.id == "p42" and hits[0].rank == 1
@@ -169,7 +169,7 @@ def test_killed_build_resumes_and_equals_an_uninterrupted_build(tmp_path: Path) 
     out = tmp_path / "idx"
     proc = subprocess.run([sys.executable, "-c", CRASHING_BUILD, str(corpus), str(out)])
     assert proc.returncode == 9
-    assert not out.exists() and (tmp_path / "idx.partial").exists()
+    assert (out / ".work").is_dir() and not (out / "current").exists()  # nothing published yet
     with pytest.raises(IndexNotFoundError, match="interrupted: run the same build again"):
         read_manifest(out)
 
@@ -186,7 +186,7 @@ def test_killed_build_resumes_and_equals_an_uninterrupted_build(tmp_path: Path) 
     a, b = (faiss.read_index(str(tmp_path / d / "index.faiss")) for d in ("idx", "ref"))
     assert a.ntotal == b.ntotal == 100
     np.testing.assert_array_equal(a.reconstruct_n(0, 100), b.reconstruct_n(0, 100))
-    ids = [[p.id for p in PassageStore(tmp_path / d / "passages.db").iter_passages()]
+    ids = [[p.id for p in PassageStore(tmp_path / d / "passages.db", readonly=True).iter_passages()]
            for d in ("idx", "ref")]
     assert ids[0] == ids[1] == [f"p{i}" for i in range(100)]
 
@@ -206,7 +206,7 @@ def test_add_appends_without_rebuilding(tmp_path: Path) -> None:
     assert m.passages == 50 and len(m.corpora) == 2
     r = DenseRetriever.from_folder(tmp_path / "idx")
     assert r.index.ntotal == 50
-    p = PassageStore(tmp_path / "idx" / "passages.db").get("p45")
+    p = PassageStore(tmp_path / "idx" / "passages.db", readonly=True).get("p45")
     assert p is not None
     assert r.search(f"{p.title}\n{p.text}", 1)[0].passage.id == "p45"
     with pytest.raises(CorpusError, match="duplicate passage id 'p40'"):

@@ -4,6 +4,7 @@ survive kill -9 at each step, and damaged folders are named, not tracebacks."""
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -15,13 +16,14 @@ import pytest
 from rag.config import IndexRecipe
 from rag.corpus import corpus_fingerprint, iter_records
 from rag.embedding import HashingEmbedder
-from rag.errors import IndexCorruptError
+from rag.errors import ConfigError, IndexCorruptError
 from rag.index import (
     FaissIndex,
     NumpyFlatIndex,
     build_index,
     compact,
     delete,
+    plan_sync,
     read_manifest,
     sync,
     upsert,
@@ -151,7 +153,11 @@ def test_sync_applies_added_changed_removed_records_and_files(tmp_path: Path) ->
     (docs / "a.md").write_text(words(100, 1).rsplit(" ", 0)[0] + " " + words(80, 3))  # #0 same, #1 changed, #2 gone
     (docs / "b.md").unlink()
     (docs / "c.md").write_text(words(120, 4))
-    m = sync(tmp_path / "idx", progress=False, embedder=Seeded(32))
+    with pytest.raises(ConfigError, match=r"no longer holds 3 of the 5 passages .*--dry-run.*--yes"):
+        sync(tmp_path / "idx", progress=False, embedder=Seeded(32))  # more than half of docs/: asks first
+    plan = plan_sync(tmp_path / "idx")
+    assert [(p.added, p.changed, p.unchanged, p.removed) for p in plan] == [(2, 1, 1, 3)]
+    m = sync(tmp_path / "idx", progress=False, embedder=Seeded(32), yes=True)
     entry = m.history[-1]
     assert {k: entry[k] for k in ("op", "added", "changed", "unchanged", "removed")} == {
         "op": "sync", "added": 2, "changed": 1, "unchanged": 1, "removed": 3}
@@ -170,7 +176,9 @@ def test_sync_applies_added_changed_removed_records_and_files(tmp_path: Path) ->
 
 CRASH = """
 import os, sys
-import rag.index.folder as folder, rag.index.update as update
+import rag.index.owner as owner, rag.index.update as update
+from rag.config import IndexRecipe
+from rag.index import build_index
 sys.path.insert(0, sys.argv[5])
 from test_index_update import Seeded as HashingEmbedder
 op, where, idx, corpus = sys.argv[1:5]
@@ -186,56 +194,85 @@ class Crashing(HashingEmbedder):
 def die(*a, **k):
     os._exit(9)
 
-if where == "before-swap":
-    update.publish = die
-if where == "after-swap":  # the new folder is in place, the old one not yet removed
-    real = folder._exchange
-    def swap_then_die(a, b):
-        real(a, b)
-        os._exit(9)
-    folder._exchange = swap_then_die
+if where == "before-publish":  # the work folder is finished, manifest and all
+    owner.Writer.publish = die
+if where == "before-swap":  # renamed to versions/v<N>, `current` not swapped yet
+    owner.Writer.make_current = die
+if where == "after-swap":  # published; the old version (with the removed texts) not yet removed
+    owner.Writer.collect = die
 if op == "upsert":
     update.upsert(idx, corpus, embedder=Crashing(32), batch_size=4, progress=False)
 elif op == "delete":
     update.delete(idx, ["p1", "p2", "p30"])
-else:
+elif op == "sync":
+    update.sync(idx, embedder=Crashing(32), progress=False)
+elif op == "compact":
     update.compact(idx)
+else:
+    build_index(IndexRecipe(name="t", corpus=corpus, out=idx, embedder="hash:32", batch_size=4),
+                embedder=Crashing(32), progress=False, force=True)
 """
 
+KILLS = [("upsert", "encoding"), ("upsert", "before-publish"), ("upsert", "before-swap"), ("upsert", "after-swap"),
+         ("delete", "before-publish"), ("delete", "before-swap"), ("delete", "after-swap"),
+         ("compact", "before-swap"), ("compact", "after-swap"), ("sync", "before-swap"), ("sync", "after-swap"),
+         ("build", "before-swap"), ("first-build", "before-publish"), ("first-build", "encoding")]
 
-@pytest.mark.parametrize(("op", "where"), [("upsert", "encoding"), ("upsert", "before-swap"),
-                                           ("upsert", "after-swap"), ("delete", "before-swap"),
-                                           ("delete", "after-swap"), ("compact", "before-swap"),
-                                           ("compact", "after-swap")])
+
+def files_under(folder: Path) -> list[Path]:
+    return [Path(root) / f for root, _, names in os.walk(folder) for f in names
+            if not (Path(root) / f).is_symlink()]
+
+
+@pytest.mark.parametrize(("op", "where"), KILLS)
 def test_kill_9_loses_nothing_and_a_rerun_finishes_the_change(tmp_path: Path, op: str, where: str) -> None:
     base = [record(i) for i in range(40)]
-    build(write(tmp_path / "a.jsonl", base), tmp_path / "idx", "Flat")
+    idx, corpus = tmp_path / "idx", write(tmp_path / "a.jsonl", base)
+    if op != "first-build":
+        build(corpus, idx, "Flat")
     changes = write(tmp_path / "b.jsonl", [record(5, variant=1), *(record(i) for i in range(40, 52))])
     if op == "compact":
-        delete(tmp_path / "idx", ["p1", "p2", "p30"])
-    before = results(tmp_path / "idx")
-    proc = subprocess.run([sys.executable, "-c", CRASH, op, where, str(tmp_path / "idx"), str(changes),
-                           str(Path(__file__).parent)])
+        delete(idx, ["p1", "p2", "p30"])
+    if op == "sync":  # the indexed file itself changes: p5 edited, p6 gone, p40.. new
+        write(corpus, [record(5, variant=1)] + [r for r in base if r["id"] not in ("p5", "p6")]
+              + [record(i) for i in range(40, 52)])
+    before = results(idx) if op != "first-build" else None
+    arg = str(changes) if op in ("upsert", "first-build", "build") else str(corpus)
+    proc = subprocess.run([sys.executable, "-c", CRASH, op, where, str(idx), arg, str(Path(__file__).parent)])
     assert proc.returncode == 9
-    # a reader sees the old index or the new one, whole
-    now = results(tmp_path / "idx")
-    assert verify(tmp_path / "idx") == []
-    if where != "after-swap":
-        assert now == before
+    if before is not None:  # a reader sees the old index or the new one, whole
+        assert verify(idx) == []
+        now = results(idx)
+        if where != "after-swap":
+            assert now == before
     # the same command again finishes the change
+    gone: set[str] = set()
     if op == "upsert":
-        upsert(tmp_path / "idx", changes, embedder=Seeded(32), batch_size=4, progress=False)
+        upsert(idx, changes, embedder=Seeded(32), batch_size=4, progress=False)
         expected = resulting(base, set(), list(map(json.loads, changes.read_text().splitlines())))
     elif op == "delete":
-        delete(tmp_path / "idx", ["p1", "p2", "p30"])
+        delete(idx, ["p1", "p2", "p30"])
+        gone = {"p1", "p2", "p30"}
+        expected = resulting(base, gone, [])
+    elif op == "sync":
+        sync(idx, embedder=Seeded(32), progress=False)
+        gone = {"p6"}
+        expected = resulting(base, gone, [record(5, variant=1), *(record(i) for i in range(40, 52))])
+    elif op == "compact":
+        compact(idx)
         expected = resulting(base, {"p1", "p2", "p30"}, [])
+        assert read_manifest(idx).deleted == 0
     else:
-        compact(tmp_path / "idx")
-        expected = resulting(base, {"p1", "p2", "p30"}, [])
-        assert read_manifest(tmp_path / "idx").deleted == 0
-    assert not (tmp_path / "idx.partial").exists()
+        build_index(IndexRecipe(name="t", corpus=str(changes), out=str(idx), embedder="hash:32", batch_size=16),
+                    embedder=Seeded(32), progress=False, force=True)
+        expected = list(map(json.loads, changes.read_text().splitlines()))
+    assert verify(idx) == []
+    assert not (idx / ".work").exists() and len(list((idx / "versions").iterdir())) == 1  # nothing left behind
+    old_texts = [r["text"].encode() for r in base if r["id"] in gone or (r["id"] == "p5" and op != "delete")]
+    if op in ("delete", "sync", "upsert"):
+        assert not [f for f in files_under(idx) for t in old_texts if t in f.read_bytes()]
     build(write(tmp_path / "fresh.jsonl", expected), tmp_path / "ref", "Flat")
-    assert_same(tmp_path / "idx", tmp_path / "ref")
+    assert_same(idx, tmp_path / "ref")
 
 
 def test_damaged_folders_are_one_line_errors_naming_the_file(tmp_path: Path) -> None:
