@@ -33,6 +33,10 @@ DEMO_QUESTIONS = ["What does the with statement do?",
                   "Which clause of a try statement runs whether or not an exception occurred?"]
 
 Quiet = Annotated[bool, typer.Option("--quiet", "-q", help="no progress bars")]
+Wait = Annotated[float, typer.Option(
+    "--wait", help="seconds to wait while another process changes the index (default: fail at once; -1: no limit)")]
+Yes = Annotated[bool, typer.Option("--yes", help="go ahead even if more than half of the passages would go")]
+DryRun = Annotated[bool, typer.Option("--dry-run", help="print what would change (JSON) and change nothing")]
 
 
 RAY_LOCAL = "local"  # `--ray` given without an address: start a cluster for this build
@@ -70,6 +74,7 @@ def index_build(
     ray_window: Annotated[Optional[int], typer.Option(min=1, help="passages per Ray task and checkpoint "
                                                            "(default: --batch-size)")] = None,
     quiet: Quiet = False,
+    wait: Wait = 0.0,
 ) -> None:
     """Build an index from a corpus (or a recipe); resumes an interrupted build."""
     from pydantic import ValidationError
@@ -103,7 +108,7 @@ def index_build(
 
         ray_opts = RayOptions(address=None if ray == RAY_LOCAL else ray, actors=ray_actors,
                               cpus_per_actor=ray_cpus_per_actor, window=ray_window)
-    m = build_index(r, progress=not quiet, force=force, ray=ray_opts)
+    m = build_index(r, progress=not quiet, force=force, ray=ray_opts, wait=wait)
     _echo_json({"index": str(r.out_dir()), "passages": m.passages, "factory": m.factory,
                 "embedder": m.embedder["name"], "build_seconds": m.build_seconds,
                 "bytes": folder_size(r.out_dir())})
@@ -116,37 +121,40 @@ def index_info(folder: Path) -> None:
 
     m = read_manifest(folder)
     report = folder / REPORT_FILE
-    _echo_json({**m.model_dump(), "bytes": folder_size(folder),
-                "report": json.loads(report.read_text()) if report.exists() else None})
+    try:
+        read = json.loads(report.read_text(encoding="utf-8")) if report.exists() else None
+    except (ValueError, UnicodeDecodeError) as e:
+        raise ConfigError(f"{report}: not valid JSON ({e}); run rag index verify {folder}") from None
+    _echo_json({**m.model_dump(), "bytes": folder_size(folder), "report": read})
 
 
 CorpusFormat = Annotated[str, typer.Option("--format", help="auto|jsonl|flashrag|dpr|beir|dir|pydoc")]
 
 
 def _corpus_change(mode: str, folder: Path, corpus: str, format: str, batch_size: int,
-                   skip_bad_lines: bool, quiet: bool) -> None:
+                   skip_bad_lines: bool, quiet: bool, wait: float) -> None:
     from rag.index import upsert
 
     m = upsert(folder, corpus, format=format, batch_size=batch_size, skip_bad_lines=skip_bad_lines,
-               progress=not quiet, mode=mode)  # type: ignore[arg-type]
+               progress=not quiet, mode=mode, wait=wait)  # type: ignore[arg-type]
     _echo_json({"index": str(folder), "passages": m.passages, "change": m.history[-1] if m.history else None})
 
 
 @index_app.command("add")
 def index_add(folder: Path, corpus: Annotated[str, typer.Option(help="corpus to append (ids must be new)")],
               format: CorpusFormat = "auto", batch_size: int = 256, skip_bad_lines: bool = False,
-              quiet: Quiet = False) -> None:
+              quiet: Quiet = False, wait: Wait = 0.0) -> None:
     """Append passages to an existing index without rebuilding it."""
-    _corpus_change("add", folder, corpus, format, batch_size, skip_bad_lines, quiet)
+    _corpus_change("add", folder, corpus, format, batch_size, skip_bad_lines, quiet, wait)
 
 
 @index_app.command("upsert")
 def index_upsert(folder: Path, corpus: Annotated[str, typer.Option(
                      help="corpus whose passages are added, or replace the stored ones with their ids")],
                  format: CorpusFormat = "auto", batch_size: int = 256, skip_bad_lines: bool = False,
-                 quiet: Quiet = False) -> None:
+                 quiet: Quiet = False, wait: Wait = 0.0) -> None:
     """Add new passages and replace changed ones (only those are re-encoded); resumable."""
-    _corpus_change("upsert", folder, corpus, format, batch_size, skip_bad_lines, quiet)
+    _corpus_change("upsert", folder, corpus, format, batch_size, skip_bad_lines, quiet, wait)
 
 
 @index_app.command("delete")
@@ -155,40 +163,51 @@ def index_delete(
     ids: Annotated[Optional[list[str]], typer.Option("--ids", help="passage ids (repeat)")] = None,
     ids_file: Annotated[Optional[Path], typer.Option(help="a file of passage ids, one per line")] = None,
     source: Annotated[Optional[list[str]], typer.Option(
-        help="delete every passage read from this corpus file (or directory); repeat")] = None,
+        help="delete every passage read from this corpus file (or directory), in any spelling; repeat")] = None,
+    dry_run: DryRun = False, yes: Yes = False, wait: Wait = 0.0,
 ) -> None:
     """Delete passages: they never come back from any search mode and their text leaves the store."""
-    from rag.index import delete, read_manifest
+    from rag.index import delete, plan_delete, read_manifest
 
     wanted = list(ids or [])
     if ids_file is not None:
         if not ids_file.is_file():
             raise ConfigError(f"--ids-file {ids_file}: no such file")
         wanted += [line.strip() for line in ids_file.read_text(encoding="utf-8").splitlines() if line.strip()]
+    if dry_run:
+        plan = plan_delete(folder, wanted, sources=source or [])
+        _echo_json({"index": str(folder), "dry_run": True, "deleted": plan.removed, "passages": plan.stored,
+                    "ids": plan.removed_ids})
+        return
     before = read_manifest(folder).passages
-    m = delete(folder, wanted, sources=source or [])
+    m = delete(folder, wanted, sources=source or [], yes=yes, wait=wait)
     _echo_json({"index": str(folder), "deleted": before - m.passages, "passages": m.passages,
-                "deleted_rows": m.deleted})
+                "deleted_rows": m.deleted, "version": m.version})
 
 
 @index_app.command("sync")
-def index_sync(folder: Path, quiet: Quiet = False) -> None:
-    """Re-read the corpora named in the manifest and apply the difference (added, changed,
-    removed records and files)."""
-    from rag.index import read_manifest, sync
+def index_sync(folder: Path, quiet: Quiet = False, dry_run: DryRun = False, yes: Yes = False,
+               wait: Wait = 0.0) -> None:
+    """Re-read the corpora named in the manifest (by absolute path) and apply the difference
+    (added, changed, removed records and files)."""
+    from rag.index import plan_sync, read_manifest, sync
 
+    if dry_run:
+        _echo_json({"index": str(folder), "dry_run": True, "changes": [
+            {**p.model_dump(exclude={"removed_ids"}), "removed_ids": p.removed_ids[:100]} for p in plan_sync(folder)]})
+        return
     n = len(read_manifest(folder).history)
-    m = sync(folder, progress=not quiet)
-    _echo_json({"index": str(folder), "passages": m.passages, "changes": m.history[n:]})
+    m = sync(folder, progress=not quiet, yes=yes, wait=wait)
+    _echo_json({"index": str(folder), "passages": m.passages, "version": m.version, "changes": m.history[n:]})
 
 
 @index_app.command("compact")
-def index_compact(folder: Path) -> None:
+def index_compact(folder: Path, wait: Wait = 0.0) -> None:
     """Drop deleted passages' vectors from the FAISS structure (no re-encoding)."""
     from rag.index import compact, folder_size
 
     before = folder_size(folder)
-    m = compact(folder)
+    m = compact(folder, wait=wait)
     _echo_json({"index": str(folder), "passages": m.passages, "bytes_before": before, "bytes": folder_size(folder)})
 
 
@@ -256,6 +275,7 @@ def search(
     """Search an index and print ranked passages."""
     from rag.retriever import load_retriever
 
+    _check_text("the query", query)
     extra = {k2: v for k2, v in {"nprobe": nprobe, "ef_search": ef_search,
                                  "precision": precision}.items() if v}
     retriever = load_retriever(folder, mode, **extra)  # type: ignore[arg-type]
@@ -264,6 +284,15 @@ def search(
         _echo_json([h.to_json() for h in hits])
         return
     _echo_hits(hits)
+
+
+def _check_text(what: str, text: str) -> None:
+    """Arguments that are not valid UTF-8 reach Python as lone surrogates: a one-line error."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise ConfigError(f"{what} is not valid UTF-8 (byte {ord(text[e.start]) - 0xDC00:#04x} at character "
+                          f"{e.start}); pass UTF-8 text") from None
 
 
 def _echo_hits(hits: Any) -> None:
@@ -299,6 +328,7 @@ def ask(
 ) -> None:
     """Answer one question with a pipeline; prints the answer and its citations (a
     retrieval-only pipeline prints its ranked passages)."""
+    _check_text("the question", question)
     with _pipeline(pipeline, index) as pipe:
         answer = pipe.ask(question)
     if as_json:

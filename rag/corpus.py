@@ -59,11 +59,11 @@ def detect_format(path: str | Path) -> str:
     if name.endswith(".tsv"):
         return "dpr"
     if name.endswith(".json"):
-        with p.open(encoding="utf-8") as f:
-            if '"paragraphs"' in f.read(4096):
+        with p.open("rb") as f:
+            if b'"paragraphs"' in f.read(4096):
                 return "squad"
     if name.endswith((".jsonl", ".json")):
-        with p.open(encoding="utf-8") as f:
+        with p.open(encoding="utf-8", errors="replace") as f:  # the reader reports bad bytes by line
             for raw in f:
                 if raw.strip():
                     try:
@@ -126,6 +126,12 @@ def iter_records(
                 raise item
             report.bad_lines.append({"source": item.source, "line": item.line, "error": str(item)})
             continue
+        if not item.passage.id.strip():
+            bad = CorpusError("empty passage id; every passage needs one", source=item.source, line=item.line or None)
+            if not skip_bad_lines:
+                raise bad
+            report.bad_lines.append({"source": item.source, "line": item.line, "error": str(bad)})
+            continue
         if not item.passage.text.strip():
             report.empty_skipped += 1
             continue
@@ -164,8 +170,13 @@ def read_corpus(
 
 def json_lines(path: Path) -> Iterator[tuple[int, dict[str, Any] | CorpusError]]:
     """(line number, object) per non-empty line; a bad line yields a `CorpusError` instead."""
-    with path.open(encoding="utf-8") as f:
-        for lineno, raw in enumerate(f, 1):
+    with path.open("rb") as f:
+        for lineno, data in enumerate(f, 1):
+            try:
+                raw = data.decode("utf-8")
+            except UnicodeDecodeError as e:
+                yield lineno, _not_utf8(e, path, lineno)
+                continue
             if not raw.strip():
                 continue
             try:
@@ -180,6 +191,22 @@ def json_lines(path: Path) -> Iterator[tuple[int, dict[str, Any] | CorpusError]]
                     f"expected a JSON object, got {type(obj).__name__}", source=str(path), line=lineno)
                 continue
             yield lineno, obj
+
+
+def _not_utf8(e: UnicodeDecodeError, path: Path, lineno: int) -> CorpusError:
+    return CorpusError(f"not valid UTF-8 (byte {e.object[e.start]:#04x} at column {e.start + 1}); save the file "
+                       "as UTF-8", source=str(path), line=lineno)
+
+
+def _utf8_lines(f: Any, path: Path, bad: dict[int, CorpusError]) -> Iterator[str]:
+    """The lines of a binary file as text; a line that is not UTF-8 is recorded in ``bad`` by its
+    number (and passed on with replacement characters, for the csv reader to count lines)."""
+    for lineno, data in enumerate(f, 1):
+        try:
+            yield data.decode("utf-8")
+        except UnicodeDecodeError as e:
+            bad[lineno] = _not_utf8(e, path, lineno)
+            yield data.decode("utf-8", errors="replace")
 
 
 def _field(obj: dict[str, Any], key: str, path: Path, lineno: int, hint: str) -> str:
@@ -243,8 +270,9 @@ _read_beir = _json_reader("_id", _beir, "BEIR corpus lines have _id, title, text
 
 def _read_dpr(path: Path, **_: Any) -> Iterator[Record | CorpusError]:
     csv.field_size_limit(sys.maxsize)
-    with path.open(encoding="utf-8", newline="") as f:
-        reader = csv.reader(f, delimiter="\t")
+    bad: dict[int, CorpusError] = {}
+    with path.open("rb") as f:
+        reader = csv.reader(_utf8_lines(f, path, bad), delimiter="\t")
         header = next(reader, None)
         if header is None:
             return
@@ -264,6 +292,9 @@ def _read_dpr(path: Path, **_: Any) -> Iterator[Record | CorpusError]:
                 yield CorpusError(f"bad TSV: {e}", source=str(path), line=reader.line_num)
                 continue
             lineno = reader.line_num
+            if lineno in bad:
+                yield bad.pop(lineno)
+                continue
             if not row:
                 continue
             if len(row) != len(cols):
@@ -283,6 +314,10 @@ def _read_squad(path: Path, **_: Any) -> Iterator[Record | CorpusError]:
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
         articles = data["data"]
+    except UnicodeDecodeError as e:
+        yield CorpusError(f"not valid UTF-8 (byte {e.object[e.start]:#04x} at offset {e.start}); save the file "
+                          "as UTF-8", source=str(path))
+        return
     except (json.JSONDecodeError, KeyError, TypeError) as e:
         yield CorpusError(f"not a SQuAD v1.1 file ({e}); expected {{'data': [{{'title', "
                           "'paragraphs': [{'context', 'qas'}]}]}}", source=str(path))

@@ -33,7 +33,7 @@ from typing import Any, Literal, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from rag.errors import ConfigError, GenerationError, PromptError, RagError, missing_extra
+from rag.errors import ConfigError, GenerationError, IndexError_, PromptError, RagError, missing_extra
 from rag.prompts.sanitize import neutralize
 from rag.types import (
     Answer,
@@ -407,6 +407,8 @@ def _usage(answer: Answer) -> dict[str, int]:
 def _status(e: RagError) -> tuple[int, str]:
     if isinstance(e, (PromptError, ConfigError)):
         return 400, "invalid_request_error"
+    if isinstance(e, IndexError_):
+        return 503, "server_error"
     if isinstance(e, GenerationError):
         return 502, "server_error"
     return 500, "server_error"
@@ -513,16 +515,23 @@ def create_app(pipeline: Any, *, model_name: str | None = None, api_key: str | N
         status, kind = _status(e)
         return JSONResponse(error_body(str(e), kind), status_code=status)
 
+    def index_info() -> dict[str, Any]:
+        """The index folder and the version served (a following retriever checks for a newer one)."""
+        retriever = pipeline.retriever
+        refresh, describe = getattr(retriever, "refresh", None), getattr(retriever, "describe", None)
+        if refresh is not None:
+            refresh()
+        if describe is not None:
+            return {k: v for k, v in describe().items() if k in ("index", "version", "passages")}
+        store = getattr(retriever, "store", None)
+        return {"index": None, "version": None, "passages": len(store) if store is not None else 0}
+
     @app.get("/health")
     def health() -> dict[str, Any]:
-        retriever = pipeline.retriever
-        store = getattr(retriever, "store", None)
         generator = pipeline.generator
         return {"status": "ok", "model": model_name,
                 "generator": generator.model_name if generator is not None else None,
-                "index": str(getattr(retriever, "folder", "")) or None,
-                "passages": len(store) if store is not None else 0,
-                "inflight": len(inflight.running)}
+                **index_info(), "inflight": len(inflight.running)}
 
     @app.get("/metrics")
     def prom() -> Response:
@@ -544,7 +553,7 @@ def create_app(pipeline: Any, *, model_name: str | None = None, api_key: str | N
                                                 or getattr(retriever, "dense", None) is not None)
         return {"model": model_name, "kind": pipeline.config.kind, "retrieval_mode": own,
                 "search_modes": ["dense", "bm25", "hybrid"] if has_folder else ([own] if own else []),
-                "top_k": pipeline.config.retrieval.top_k,
+                "top_k": pipeline.config.retrieval.top_k, "index": index_info() if retriever is not None else None,
                 "max_tokens": pipeline.config.generation.max_new_tokens if pipeline.generator else None,
                 "runs": runs_dir is not None}
 

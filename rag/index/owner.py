@@ -351,18 +351,23 @@ def writing(folder: str | Path, op: str, *, wait: float = 0.0, create: bool = Fa
     from filelock import FileLock, Timeout
 
     folder = Path(folder)
-    if create:
-        folder.mkdir(parents=True, exist_ok=True)
-    elif not folder.is_dir():
-        raise not_found(folder)
-    lock = FileLock(str(folder / LOCK), timeout=wait if wait >= 0 else -1)
-    try:
-        lock.acquire()
-    except Timeout:
-        waited = f" for {wait:g} s" if wait > 0 else ""
-        raise IndexBusyError(f"{folder} is being changed by {_owner_line(folder)}; nothing was done{waited}. "
-                             "Run the command again when it finishes, or pass --wait SECONDS to wait for it"
-                             ) from None
+    made = create and not folder.exists()
+    while True:
+        if create:
+            folder.mkdir(parents=True, exist_ok=True)
+        elif not folder.is_dir():
+            raise not_found(folder)
+        lock = FileLock(str(folder / LOCK), timeout=wait if wait >= 0 else -1)
+        try:
+            lock.acquire()
+        except Timeout:
+            waited = f" for {wait:g} s" if wait > 0 else ""
+            raise IndexBusyError(f"{folder} is being changed by {_owner_line(folder)}; nothing was done{waited}. "
+                                 "Run the command again when it finishes, or pass --wait SECONDS to wait for it"
+                                 ) from None
+        if (folder / LOCK).exists():
+            break
+        lock.release()  # the holder we waited for removed the folder (its first build failed): again
     try:
         owner = {"command": " ".join(["rag", *sys.argv[1:]]) if sys.argv and "rag" in sys.argv[0] else op,
                  "op": op, "pid": os.getpid(), "host": socket.gethostname(), "since": time.time()}
@@ -372,6 +377,12 @@ def writing(folder: str | Path, op: str, *, wait: float = 0.0, create: bool = Fa
             yield writer
         except (CorpusError, ConfigError):  # bad input: its checkpoints are of no use to a fixed rerun
             shutil.rmtree(folder / WORK, ignore_errors=True)
+            if made and writer.current is None:  # a first build that failed leaves nothing behind
+                for name in (OWNER, LOCK):
+                    with contextlib.suppress(OSError):
+                        (folder / name).unlink()
+                with contextlib.suppress(OSError):
+                    folder.rmdir()
             raise
     finally:
         with contextlib.suppress(OSError):

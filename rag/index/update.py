@@ -336,7 +336,8 @@ def sync(folder: str | Path, *, progress: bool = True, embedder: Embedder | None
                      f"{plan.corpus} no longer holds {plan.removed} of the {plan.stored} passages indexed from "
                      "it: another file than the one indexed?")
         removed = sum(plan.removed for _, plan in plans)
-        _confirm(removed, manifest.passages, yes, f"{out}: sync would delete {removed} of its {manifest.passages} passages")
+        _confirm(removed, manifest.passages, yes,
+                 f"{out}: sync would delete {removed} of its {manifest.passages} passages")
         if not plans:
             w.tidy()
         for c, _ in plans:
