@@ -7,6 +7,7 @@
     ├── IndexError_               an index folder is missing, incomplete or incompatible
     │   ├── IndexNotFoundError
     │   ├── IndexCorruptError    a file is damaged, or the manifest no longer matches the files
+    │   │   └── CheckpointError  a change's own work folder is inconsistent (removed; run it again)
     │   ├── IndexBusyError       another process is changing the folder (names the holder)
     │   └── IndexMismatchError   the embedder differs from the one the index was built with
     ├── BackendUnavailableError  an optional library is not installed (names the extra)
@@ -48,6 +49,10 @@ class IndexNotFoundError(IndexError_):
 
 class IndexCorruptError(IndexError_):
     """A file of an index folder is damaged (truncated, corrupted, an unfinished checkpoint)."""
+
+
+class CheckpointError(IndexCorruptError):
+    """A build's or change's checkpoints do not add up; its work folder is removed."""
 
 
 class IndexMismatchError(IndexError_):

@@ -259,6 +259,12 @@ def check_expected(config: PipelineConfig, summary: dict[str, Any]) -> list[str]
     return problems
 
 
+def _index_version(pipe: Any) -> int | None:
+    """The index version a run answered from (one for the whole run)."""
+    describe = getattr(pipe.retriever, "describe", None)
+    return describe().get("version") if describe is not None else None
+
+
 def evaluate(pipeline_files: Sequence[str | Path], data: str | Path, *, format: str = "auto",
              index: str | Path | None = None, limit: int | None = None, out: str | Path = "runs/eval",
              resume: bool = False, batch_size: int = 16, use_ctxs: bool = False,
@@ -289,7 +295,7 @@ def evaluate(pipeline_files: Sequence[str | Path], data: str | Path, *, format: 
             if use_ctxs and index is None and config.kind != "retrieval":  # the data brings the passages
                 config = config.model_copy(update={"index": None})
             config_task = getattr(getattr(config, "selfrag", None), "task", None)
-            pipe = (pipelines or {}).get(str(file)) or build_pipeline(config, index=index,
+            pipe = (pipelines or {}).get(str(file)) or build_pipeline(config, index=index, follow=False,
                                                                        generator=cache.get(config))
             cache.put(config, pipe)
             start = time.time()
@@ -301,6 +307,7 @@ def evaluate(pipeline_files: Sequence[str | Path], data: str | Path, *, format: 
                             "kind": config.kind, "task": config_task,
                             "primary_metric": TASKS.get(config_task or "", {}).get("metric"),
                             "wall_seconds": round(time.time() - start, 2),
+                            "index_version": _index_version(pipe),
                             "check": check_expected(config, summary), **summary,
                             **_judge_summary(records)})
     finally:

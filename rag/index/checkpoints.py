@@ -20,7 +20,7 @@ import numpy as np
 
 from rag.corpus import Record
 from rag.embedding import Embedder, passage_text
-from rag.errors import IndexCorruptError
+from rag.errors import CheckpointError
 from rag.store import PassageStore
 
 log = logging.getLogger(__name__)
@@ -84,14 +84,14 @@ class Shards:
             if row < start:
                 continue
             if row != expected:
-                raise IndexCorruptError(f"embedding checkpoint for row {expected} missing in "
-                                         f"{self.dir}; delete the .partial folder and rebuild")
+                raise CheckpointError(f"embedding checkpoint for row {expected} missing in "
+                                         f"{self.dir}; its work folder is removed: run the same command again")
             vecs = np.load(f)
             expected += len(vecs)
             yield vecs
         if expected != end:
-            raise IndexCorruptError(f"embedding checkpoints cover rows {start}..{expected}, "
-                                     f"store has {end}; delete the .partial folder and rebuild")
+            raise CheckpointError(f"embedding checkpoints cover rows {start}..{expected}, "
+                                     f"store has {end}; its work folder is removed: run the same command again")
 
     def sample(self, start: int, end: int, n: int, seed: int = 0) -> np.ndarray:
         """A uniform sample of ``n`` vectors (all when fewer), reading one shard at a time."""

@@ -45,7 +45,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TypeVar
 
-from rag.errors import ConfigError, CorpusError, IndexBusyError, IndexCorruptError, IndexNotFoundError
+from rag.errors import (
+    CheckpointError,
+    ConfigError,
+    CorpusError,
+    IndexBusyError,
+    IndexCorruptError,
+    IndexNotFoundError,
+)
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -375,7 +382,7 @@ def writing(folder: str | Path, op: str, *, wait: float = 0.0, create: bool = Fa
         writer = Writer(folder, op)
         try:
             yield writer
-        except (CorpusError, ConfigError):  # bad input: its checkpoints are of no use to a fixed rerun
+        except (CorpusError, ConfigError, CheckpointError):  # bad input or checkpoints: no use to a rerun
             shutil.rmtree(folder / WORK, ignore_errors=True)
             if made and writer.current is None:  # a first build that failed leaves nothing behind
                 for name in (OWNER, LOCK):

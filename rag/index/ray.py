@@ -2,7 +2,7 @@
 
 The driver reads and chunks the corpus exactly as a local build does (same ids, same
 file:line errors, same ``--skip-bad-lines`` report) into the passage store, and writes the
-passage texts in windows of ``window`` passages to ``<out>.partial/todo/``. Ray Data then runs
+passage texts in windows of ``window`` passages to ``<work>/todo/``. Ray Data then runs
 an actor pool of embedders, one per worker slot (a GPU when the cluster has GPUs, else
 ``cpus_per_actor`` CPUs), over the windows; each actor writes ``emb/<first row>.npy`` next to
 the store. Training, adding and publishing are the local build's own steps, so the manifest,

@@ -29,7 +29,7 @@ from pydantic import BaseModel
 
 from rag.corpus import PYDOC_CORPUS, ReadReport, Record, corpus_fingerprint, iter_records
 from rag.embedding import Embedder
-from rag.errors import ConfigError, IndexCorruptError
+from rag.errors import CheckpointError, ConfigError
 from rag.index.checkpoints import Shards, commit, encode_into
 from rag.index.folder import (
     INDEX_FILE,
@@ -256,8 +256,8 @@ def _upsert(w: Writer, base: Version, corpus: str | Path, *, format: str, embedd
             index.add(vecs)
         index.save(work / INDEX_FILE)
     elif index.ntotal != count:
-        raise IndexCorruptError(f"{work / INDEX_FILE}: holds {index.ntotal} vectors, the store {start} rows; "
-                                "run the same command again")
+        raise CheckpointError(f"{work / INDEX_FILE}: holds {index.ntotal} vectors, the store {start} rows; "
+                              "its work folder is removed: run the same command again")
     prev = json.loads((work / REPORT_FILE).read_text()) if (work / REPORT_FILE).exists() else {}
     atomic_write_json(work / REPORT_FILE, {"corpora": prev.get("corpora", []) + [report.to_json()]})
     names = set(_spellings(recorded or path))

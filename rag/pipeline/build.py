@@ -8,12 +8,15 @@ from typing import Any
 from rag.config import PipelineConfig, RetrievalPipelineConfig, SelfRagPipelineConfig
 from rag.errors import ConfigError
 from rag.generation import Generator, load_generator
-from rag.retriever import Retriever, load_retriever
+from rag.retriever import Retriever, load_retriever, open_retriever
 
 
 def build_pipeline(config: PipelineConfig, *, index: str | Path | None = None,
-                   generator: Generator | None = None, retriever: Retriever | None = None) -> Any:
+                   generator: Generator | None = None, retriever: Retriever | None = None,
+                   follow: bool = True) -> Any:
     """Load the generator and retriever a config names (``index`` overrides the config's).
+    ``follow``: the retriever serves each newly published version of the index folder (servers,
+    chats); false keeps the version opened now (evaluation runs, so every question sees one).
 
     Returns a `rag.pipeline.Pipeline`: `ChatRagPipeline`, `SelfRagPipeline` or
     `RetrievalPipeline` by ``config.kind``."""
@@ -21,8 +24,8 @@ def build_pipeline(config: PipelineConfig, *, index: str | Path | None = None,
 
     folder = index or config.index
     if retriever is None and folder is not None and config.retrieval.mode != "none":
-        retriever = load_retriever(folder, config.retrieval.mode, device=config.retrieval.device,
-                                   fusion=config.retrieval.fusion.model_dump())
+        retriever = (load_retriever if follow else open_retriever)(
+            folder, config.retrieval.mode, device=config.retrieval.device, fusion=config.retrieval.fusion.model_dump())
     if isinstance(config, RetrievalPipelineConfig):
         if retriever is None:
             raise ConfigError(f"pipeline {config.name!r} is retrieval-only and needs an index (--index)")

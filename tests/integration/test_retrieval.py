@@ -61,10 +61,10 @@ def test_bm25_and_hybrid(dpr_index: Path) -> None:
     bm25 = BM25Retriever(dpr_index)
     hits = bm25.search("Genentech lobbyist Roche", 3)
     assert hits[0].passage.title == "Evan Morris"
-    assert (dpr_index / "bm25" / "stamp").exists()
+    assert (dpr_index / "current" / "bm25" / "stamp").exists()  # cached in the version it belongs to
     assert bm25.search("the of and", 3) == []  # only stopwords
     hybrid = load_retriever(dpr_index, "hybrid")
-    assert isinstance(hybrid, HybridRetriever)
+    assert isinstance(hybrid.current, HybridRetriever)  # the version it serves now
     fused = hybrid.search("Genentech lobbyist", 5)
     assert fused[0].passage.title == "Evan Morris"
     assert fused[0].score == pytest.approx(0.5 / 61 + 0.5 / 61)  # rank 1 on both sides, weights 0.5 each

@@ -29,7 +29,7 @@ from rag.index import (
     upsert,
     verify,
 )
-from rag.retriever import BM25Retriever, DenseRetriever, HybridRetriever
+from rag.retriever import BM25Retriever, DenseRetriever, HybridRetriever, load_retriever
 from rag.store import PassageStore
 
 WORDS = [f"w{j}" for j in range(300)]  # enough words that no two passages tie on BM25
@@ -350,3 +350,23 @@ def test_a_dense_retriever_over_any_vector_index(tmp_path: Path) -> None:
     for q in QUERIES:
         a, b = folder.search(q, 6), over_numpy.search(q, 6)
         assert [h.passage.id for h in a] == [h.passage.id for h in b] and "p4" not in [h.passage.id for h in b]
+
+
+def test_a_folder_of_the_old_layout_is_read_and_takes_the_new_one_at_its_next_change(tmp_path: Path) -> None:
+    import shutil
+
+    base = [record(i) for i in range(30)]
+    build(write(tmp_path / "a.jsonl", base), tmp_path / "new", "Flat")
+    old = tmp_path / "old"  # what builds wrote before versions: the files directly in the folder
+    old.mkdir()
+    for name in ("index.faiss", "passages.db", "manifest.json", "report.json"):
+        shutil.copyfile(tmp_path / "new" / "current" / name, old / name)
+    assert verify(old) == [] and results(old) == results(tmp_path / "new")
+    follower = load_retriever(old, "dense", embedder=Seeded(32))
+    assert follower.version is not None and follower.version.number == 0
+    delete(old, ["p3"])
+    assert os.readlink(old / "current") == "versions/v000001" and (old / "index.faiss").is_symlink()
+    assert not (old / "bm25").exists() and verify(old) == []
+    assert "p3" not in [h.passage.id for h in follower.search(record(3)["text"], 30)]  # followed the change
+    delete(tmp_path / "new", ["p3"])
+    assert results(old) == results(tmp_path / "new")
