@@ -5,9 +5,11 @@ per-request check and the switch to a newly published version, at 100k passages.
    against the search it guards (one query, k=10, exact FAISS over the folder's vectors).
 2. The switch after ``rag index delete`` of one passage: `FollowingRetriever.refresh` (resolve
    the version, pin it, check sizes and the manifest's digest, open the store, read the FAISS
-   index) against the raw library calls that open the same files (``faiss.read_index`` +
-   ``sqlite3.connect``), for dense; for bm25 the switch also rebuilds the BM25 cache of the
-   new version, against ``bm25s`` indexing the same texts.
+   index, let go of the old version), the first read of the new files; then opening the same
+   version again (`open_retriever`, files in the page cache) against the raw library calls that
+   open the same files (``faiss.read_index`` + ``sqlite3.connect``), run just before it. For
+   bm25 the change built the new version's BM25 cache (its predecessor had one), so the switch
+   loads it; against ``bm25s`` indexing the same texts, what the switch would cost otherwise.
 
 The encoder is the hashing one (384-d): what is measured does not depend on it.
 
@@ -42,7 +44,7 @@ def main() -> None:
     from rag.embedding import HashingEmbedder, passage_text
     from rag.index import build_index, delete
     from rag.index.owner import changed
-    from rag.retriever import FollowingRetriever
+    from rag.retriever import FollowingRetriever, open_retriever
 
     work = Path(tempfile.mkdtemp(prefix="rag-follow-"))
     rng = np.random.default_rng(0)
@@ -74,7 +76,7 @@ def main() -> None:
         times.append(time.perf_counter() - t)
     search_us = sorted(times)[len(times) // 2] * 1e6
 
-    delete(idx, ["p0"])
+    _, t_delete = timed(lambda: delete(idx, ["p0"]))
     _, t_switch = timed(dense.refresh)
     _, t_switch_bm25 = timed(bm25.refresh)
     assert dense.version is not None and dense.version.number == version.number + 1
@@ -84,7 +86,8 @@ def main() -> None:
         sqlite3.connect(f"file:{idx / 'current' / 'passages.db'}?mode=ro", uri=True).execute(
             "SELECT COUNT(*) FROM passages").fetchone()
 
-    _, t_raw = timed(raw_open)
+    _, t_raw = timed(raw_open)  # the files are in the page cache now: so for ours, open them again
+    _, t_open = timed(lambda: open_retriever(idx, "dense", embedder=emb, device="cpu").close())
     texts = [passage_text(p.title, p.text) for p in dense.store.iter_passages()]
 
     def raw_bm25() -> None:
@@ -94,10 +97,12 @@ def main() -> None:
     print(table([
         ["check per search (readlink of current)", f"{check_us:.2f} us", f"{search_us:.0f} us (one FAISS search)",
          f"{check_us / search_us:.4f}"],
-        ["switch, dense (FollowingRetriever.refresh)", f"{t_switch:.3f} s", f"{t_raw:.3f} s (read_index + sqlite)",
-         f"{t_switch / t_raw:.2f}"],
-        ["switch, bm25 (rebuilds its cache)", f"{t_switch_bm25:.3f} s", f"{t_raw_bm25:.3f} s (bm25s index)",
-         f"{t_switch_bm25 / t_raw_bm25:.2f}"],
+        ["switch, dense (FollowingRetriever.refresh, first read of the new files)", f"{t_switch:.3f} s", "", ""],
+        ["open a version, dense (files cached)", f"{t_open:.3f} s", f"{t_raw:.3f} s (read_index + sqlite)",
+         f"{t_open / t_raw:.2f}"],
+        ["switch, bm25 (loads the cache the change built)", f"{t_switch_bm25:.3f} s",
+         f"{t_raw_bm25:.3f} s (bm25s indexing the texts)", f"{t_switch_bm25 / t_raw_bm25:.3f}"],
+        ["the change: rag index delete of 1 passage (verify, copy, new BM25 cache)", f"{t_delete:.3f} s", "", ""],
     ], ["at " + f"{args.passages:,} passages", "rag", "baseline", "ratio"]))
     dense.close()
     bm25.close()

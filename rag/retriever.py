@@ -116,7 +116,8 @@ class DenseRetriever(_Base):
     def from_folder(cls, folder: str | Path, *, embedder: Embedder | None = None, device: str = "auto",
                     nprobe: int | None = None, ef_search: int | None = None, mmap: bool = False,
                     precision: str | None = None) -> DenseRetriever:
-        """Open an index folder made by `build_index`.
+        """Open the version an index folder publishes now (a snapshot: it stays on disk and is
+        served until `close`; `load_retriever` gives one that follows changes).
 
         Args:
             embedder: defaults to the one named in the manifest; another one is refused.

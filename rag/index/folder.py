@@ -284,8 +284,23 @@ def finish(writer: Writer, work: Path, manifest: Manifest, key: str) -> Manifest
         leftover.unlink()
     manifest = write_manifest(work, manifest.model_copy(update={"version": writer.next_number(),
                                                                 "change_key": key}))
+    base = writer.current
+    if base is not None and (base.path / "bm25").is_dir():
+        _carry_bm25(work)
     writer.publish(work, manifest.version)
     return manifest
+
+
+def _carry_bm25(work: Path) -> None:
+    """Build the BM25 cache of a new version whose predecessor had one (someone searches it with
+    BM25), so readers that follow the folder switch without building it on a search's time."""
+    from rag.errors import BackendUnavailableError
+    from rag.retriever import BM25Retriever
+
+    try:
+        BM25Retriever(work).close()
+    except BackendUnavailableError:
+        pass
 
 
 def resume_finished(writer: Writer, key: str) -> Manifest | None:

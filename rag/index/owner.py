@@ -62,7 +62,7 @@ LINKED = ("index.faiss", "passages.db", "manifest.json", "report.json")  # links
 
 try:
     import fcntl
-except ImportError:  # pragma: no cover - Windows: versions are not pinned (kept until the next change)
+except ImportError:  # pragma: no cover - Windows: versions are not pinned, so old ones are never removed
     fcntl = None  # type: ignore[assignment]
 
 
@@ -75,7 +75,7 @@ class Version:
 
     @property
     def name(self) -> str:
-        return f"v{self.number:06d}"
+        return version_name(self.number)
 
 
 def version_name(number: int) -> str:
@@ -176,6 +176,8 @@ def not_found(folder: Path) -> IndexNotFoundError:
 
 def _remove_version(path: Path) -> bool:
     """Remove an unpublished version folder unless a reader holds it; True if removed."""
+    if fcntl is None:  # pragma: no cover - no way to tell whether a reader holds it
+        return False
     try:
         fd = os.open(path / READERS, os.O_RDWR)
     except FileNotFoundError:
@@ -183,7 +185,7 @@ def _remove_version(path: Path) -> bool:
     except OSError:
         return False  # read-only: leave it
     try:
-        if fd is not None and fcntl is not None:
+        if fd is not None:
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:

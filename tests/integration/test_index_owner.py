@@ -108,7 +108,7 @@ def test_two_writer_processes_on_one_folder(tmp_path: Path, pair: str, wait: boo
              for cmd in PAIRS[pair]]
     outs = [(p.wait(300), *p.communicate()) for p in procs]
     texts = assert_whole(idx)
-    for (rc, out, err), cmd in zip(outs, PAIRS[pair], strict=True):
+    for (rc, _, err), cmd in zip(outs, PAIRS[pair], strict=True):
         assert "Traceback" not in err
         if rc != 0:  # the loser: one line naming the holder, nothing done
             assert not wait and rc == 1 and err.count("\n") == 1, err
@@ -123,8 +123,9 @@ def test_two_writer_processes_on_one_folder(tmp_path: Path, pair: str, wait: boo
         elif op == "sync":
             assert "p600" in texts and "p290" not in texts
         else:
-            assert read_manifest(idx).history[-1]["op"] == "compact" or json.loads(out)["passages"] > 0
-    assert sum(rc == 0 for rc, _, _ in outs) == (2 if wait else sum(rc == 0 for rc, _, _ in outs))
+            assert any(h["op"] == "compact" for h in read_manifest(idx).history)
+    if wait:  # the second waited for the first: both changes landed
+        assert all(rc == 0 for rc, _, _ in outs)
     assert not (idx / ".work").exists() and len(list((idx / "versions").iterdir())) == 1
 
 
