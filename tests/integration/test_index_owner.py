@@ -310,3 +310,11 @@ def test_a_running_server_follows_changes(tmp_path: Path) -> None:
         assert all(ids(m, "Quarnix lighthouse keeper")[0] == "fresh" for m in modes)
     versions = list((idx / "versions").iterdir())
     assert len(versions) == 1  # the server let go of the old versions, which were then removed
+
+
+def test_a_query_that_is_not_utf8_is_a_one_line_error(tmp_path: Path) -> None:
+    idx = tmp_path / "idx"
+    build(write(tmp_path / "a.jsonl", records(range(20))), idx)
+    r = subprocess.run([RAG, "search", str(idx), b"caf\xe9 w1"], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 1 and r.stderr.count("\n") == 1 and "Traceback" not in r.stderr
+    assert "the query is not valid UTF-8 (byte 0xe9 at character 3)" in r.stderr

@@ -123,3 +123,25 @@ def test_fingerprint_changes_with_content(tmp_path: Path) -> None:
     assert before == corpus_fingerprint(f)
     write(f, jsonl({"id": "a", "text": "two"}))
     assert corpus_fingerprint(f) != before
+
+
+@pytest.mark.parametrize("suffix", ["jsonl", "tsv"])
+def test_invalid_utf8_is_a_file_line_error_or_a_skipped_line(tmp_path: Path, suffix: str) -> None:
+    f = tmp_path / f"c.{suffix}"
+    if suffix == "jsonl":
+        f.write_bytes(b'{"id": "a", "text": "fine"}\n{"id": "b", "text": "caf\xe9"}\n{"id": "c", "text": "ok"}\n')
+        line = 2
+    else:
+        f.write_bytes(b"id\ttext\ttitle\n1\tfine\tT\n2\tcaf\xe9\tT\n3\tok\tT\n")
+        line = 3
+    with pytest.raises(CorpusError, match=rf"c\.{suffix}:{line}: not valid UTF-8 \(byte 0xe9 .*save the file as UTF-8"):
+        list(read_corpus(f))
+    report = ReadReport()
+    assert [p.text for p in read_corpus(f, skip_bad_lines=True, report=report)] == ["fine", "ok"]
+    assert report.bad_lines[0]["line"] == line
+
+
+def test_an_empty_passage_id_is_an_error_naming_the_line(tmp_path: Path) -> None:
+    f = write(tmp_path / "c.jsonl", jsonl({"id": "a", "text": "x"}, {"id": "", "text": "y"}))
+    with pytest.raises(CorpusError, match=r"c\.jsonl:2: empty passage id"):
+        list(read_corpus(f))

@@ -319,3 +319,16 @@ def test_gpu_requested_without_gpu_is_a_clear_error(monkeypatch: pytest.MonkeyPa
     with pytest.raises(ConfigError, match="faiss sees no GPU; install the 'gpu' extra"):
         FaissIndex(_flat()[0], device="gpu")
     assert not FaissIndex(_flat()[0], device="auto").on_gpu
+
+
+def test_a_failed_first_build_leaves_nothing_and_an_empty_corpus_is_refused(tmp_path: Path) -> None:
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"id": "a", "text": "one"}\n{not json\n')
+    with pytest.raises(CorpusError, match=r"bad\.jsonl:2: invalid JSON"):
+        build_index(recipe(tmp_path, bad), progress=False)
+    assert not (tmp_path / "idx").exists()
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text('{"id": "a", "text": "   "}\n')
+    with pytest.raises(CorpusError, match=r"empty\.jsonl: no passages to index \(1 empty texts"):
+        build_index(recipe(tmp_path, empty), progress=False)
+    assert not (tmp_path / "idx").exists()
