@@ -119,7 +119,8 @@ def check_embedder(manifest: Manifest, embedder: Embedder, folder: str | Path) -
     if diffs:
         raise IndexMismatchError(
             f"index {folder} was built with a different embedder ({'; '.join(diffs)}). "
-            f"Query it with the embedder it names (leave the pipeline's or recipe's embedder unset), or rebuild it: "
+            f"Query it with the embedder its manifest names ({built.get('name')}; rag search and pipelines "
+            f"load that one by default), or rebuild it: "
             f"rag index build --corpus ... --out {folder} --embedder {got['name']}")
 
 
