@@ -117,8 +117,9 @@ def _contents(folder: Path) -> tuple[list[tuple[object, ...]], np.ndarray, dict[
         rows = db.execute("SELECT * FROM passages ORDER BY rowid").fetchall()
     index = faiss.read_index(str(folder / "index.faiss"))
     manifest = json.loads((folder / "manifest.json").read_text())
-    # name: from the folder; files: checksums of bytes that differ within atol
-    for volatile in ("built_at", "build_seconds", "name", "files"):
+    # name: from the folder; files: checksums of bytes that differ within atol; change_key names the
+    # mode (local or ray) and digest covers the rest, build time included
+    for volatile in ("built_at", "build_seconds", "name", "files", "change_key", "digest"):
         manifest.pop(volatile)
     return rows, index.reconstruct_n(0, index.ntotal), manifest
 
