@@ -243,6 +243,10 @@ def index_verify(folder: Path) -> None:
         typer.echo(f"{folder}: damaged; rebuild it (rag index build ... --out {folder} --force) or restore a copy")
         raise typer.Exit(1)
     typer.echo(f"{folder}: intact")
+    work = folder / ".work"
+    for left in sorted(work.iterdir()) if work.is_dir() else []:
+        typer.echo(f"note: an interrupted change left {left}; the same command again finishes it "
+                   "(any other change removes it)")
 
 
 def _parse_filter(items: list[str] | None) -> dict[str, Any] | None:

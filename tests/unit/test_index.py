@@ -104,7 +104,7 @@ def test_build_then_search_exact_ids_filter_and_manifest(tmp_path: Path) -> None
     m = build_index(recipe(tmp_path, corpus), progress=False)
     assert m.passages == 100 and m.embedder["name"] == "hash:32" and m.embedder["dim"] == 32
     assert m.corpora[0]["fingerprint"].startswith("sha256:")
-    assert not (tmp_path / "idx.partial").exists()
+    assert not (tmp_path / "idx" / ".work").exists()  # the work folder became the version
     r = DenseRetriever.from_folder(tmp_path / "idx")
     # a passage's own text finds itself first
     target = next(p for p in PassageStore(tmp_path / "idx" / "passages.db", readonly=True).iter_passages()
