@@ -10,8 +10,9 @@ A version folder (``versions/v<N>/``, see `rag.index.owner` for the whole layout
     report.json     what the builds read: passages, empty texts skipped, bad lines skipped
     bm25/           the BM25 cache (made on first BM25 search; not checksummed)
 
-Nothing in a published version is written again: a change copies what it needs into its work
-folder and `finish` publishes the result as the next version.
+No checksummed file of a published version is written again (readers may add its bm25/ cache):
+a change copies what it needs into its work folder and `finish` publishes the result as the next
+version.
 """
 
 from __future__ import annotations

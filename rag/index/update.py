@@ -340,6 +340,8 @@ def sync(folder: str | Path, *, progress: bool = True, embedder: Embedder | None
                  f"{out}: sync would delete {removed} of its {manifest.passages} passages")
         if not plans:
             w.tidy()
+        elif embedder is None:  # once, not once per corpus
+            embedder = embedder_from_manifest(manifest)
         for c, _ in plans:
             manifest = _upsert(w, base, c["path"], format=c.get("format", "auto"), embedder=embedder,
                                batch_size=256, skip_bad_lines=False, progress=progress,
