@@ -36,7 +36,7 @@ from rag.index.folder import (
 from rag.index.owner import Pin, Version, changed, open_consistent
 from rag.index.vectors import FaissIndex, VectorIndex
 from rag.store import PassageStore
-from rag.types import Hit
+from rag.types import Hit, IndexInfo
 
 log = logging.getLogger(__name__)
 
@@ -46,10 +46,16 @@ Mode = Literal["dense", "bm25", "hybrid"]
 
 @runtime_checkable
 class Retriever(Protocol):
+    """Ranked passages for queries; says which index (and version) it serves."""
+
     def search(self, query: str, top_k: int = 10, *, filter: Filter | None = None) -> list[Hit]: ...
 
     def search_batch(self, queries: Sequence[str], top_k: int = 10, *,
                      filter: Filter | None = None) -> list[list[Hit]]: ...
+
+    def describe(self) -> IndexInfo: ...
+
+    def close(self) -> None: ...
 
 
 class _Base:
@@ -59,13 +65,13 @@ class _Base:
     manifest: Manifest | None = None
     _pin: Pin | None = None
 
-    def describe(self) -> dict[str, Any]:
+    def describe(self) -> IndexInfo:
         """The index folder and the version this retriever serves (for /health and /v1/info)."""
         m = self.manifest
-        return {"index": str(self.folder) if self.folder else None,
-                "version": self.version.number if self.version else None,
-                "passages": m.passages if m else len(self.store), "built_at": m.built_at if m else None,
-                "changes": len(m.history) if m else 0}
+        return IndexInfo(index=str(self.folder) if self.folder else None,
+                         version=self.version.number if self.version else None,
+                         passages=m.passages if m else len(self.store), built_at=m.built_at if m else None,
+                         changes=len(m.history) if m else 0)
 
     def close(self) -> None:
         """Close the store and let go of the version (removed then if a newer one was published)."""
@@ -353,8 +359,10 @@ class FollowingRetriever:
     def version(self) -> Version | None:
         return self.current.version
 
-    def describe(self) -> dict[str, Any]:
-        return {**self.current.describe(), "follows": True}
+    def describe(self) -> IndexInfo:
+        """The newest published version (opened now if a change was published since)."""
+        self.refresh()
+        return self.current.describe().model_copy(update={"follows": True})
 
     def refresh(self) -> bool:
         """Open the newest version if it is not the one served; True if it switched."""

@@ -17,10 +17,13 @@ Options a generator cannot honour are errors that name the option, never silentl
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from rag.errors import ConfigError
 from rag.types import ChatMessage, GenerationParams
+
+if TYPE_CHECKING:
+    from rag.pipeline import Pipeline
 
 #: options of sciphi's GenerationConfig that change nothing here (model choice, prompt assembly)
 IGNORED = ("model_name", "add_generation_prompt", "generate_with_chat", "skip_special_tokens", "api_base",
@@ -82,14 +85,17 @@ def generation_params(config: Any, base: GenerationParams) -> GenerationParams:
 class SciPhiInterface:
     """`get_chat_completion` over a loaded `ChatRagPipeline` (the card's ``SciPhiLLMInterface``)."""
 
-    def __init__(self, pipeline: Any):
+    def __init__(self, pipeline: Pipeline):
         self.pipeline = pipeline
 
     def get_chat_completion(self, conversation: Sequence[Mapping[str, str]],
                             generation_config: Any = None) -> str:
         """The cleaned completion for ``conversation``, with context retrieved for its last
         user message (see `rag.pipeline.ChatRagPipeline`)."""
-        params = generation_params(generation_config, self.pipeline.config.generation)
+        base = self.pipeline.info().generation
+        if base is None:
+            raise ConfigError(f"pipeline {self.pipeline.info().name!r} generates no text (kind: retrieval)")
+        params = generation_params(generation_config, base)
         messages = []
         for i, m in enumerate(conversation):
             if not isinstance(m, Mapping) or "role" not in m or "content" not in m:

@@ -234,3 +234,31 @@ class DoneEvent(_Frozen):
 
 
 AnswerEvent = SourcesEvent | TextEvent | DoneEvent
+
+
+# --- what a pipeline says about itself (faces ask for this instead of reaching inside) ------
+
+
+class IndexInfo(_Frozen):
+    """The index folder a retriever serves and the version it serves now."""
+
+    index: str | None = None
+    version: int | None = None
+    passages: int = 0
+    built_at: str | None = None
+    changes: int = 0
+    follows: bool = False
+
+
+class PipelineInfo(_Frozen):
+    """A pipeline's name, kind, model, retrieval settings and index (``/v1/info``, ``/health``)."""
+
+    name: str
+    kind: str
+    generator: str | None
+    retrieval_mode: str | None
+    search_modes: list[str]
+    top_k: int
+    index: IndexInfo | None
+    generation: GenerationParams | None = Field(None, description="the default generation settings")
+    max_tokens: int | None

@@ -18,7 +18,7 @@ import contextlib
 import queue
 import threading
 from collections.abc import AsyncIterator, Callable, Coroutine, Iterator, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any, Protocol, TypeVar, runtime_checkable
 
 from rag.errors import ConfigError, PromptError
@@ -43,12 +43,17 @@ class Generator(Protocol):
     """
 
     model_name: str
+    #: logprobs of requested token ids are exact (False: a server without vLLM's extension;
+    #: None: not known before `load`)
+    exact_token_logprobs: bool | None
 
     def load(self) -> Generator: ...
 
     def close(self) -> None: ...
 
     def encode(self, prompt: str) -> list[int]: ...
+
+    def prompt_ids(self, prompt: Prompt) -> list[int]: ...
 
     def decode(self, ids: Sequence[int]) -> str: ...
 
@@ -93,11 +98,57 @@ async def drain(sink: asyncio.Queue[Any]) -> AsyncIterator[GenerationChunk]:
             return
 
 
+class LoopThread:
+    """An asyncio event loop on a daemon thread of its own. What binds to one loop (vLLM's
+    ``AsyncLLM``, the OpenAI client) lives on it; any thread or event loop hands it coroutines
+    (`run` blocking, `call` awaiting, `relay` streaming), and `stop` ends it."""
+
+    def __init__(self, name: str):
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self.loop.run_forever, name=name, daemon=True)
+        self.thread.start()
+
+    def submit(self, coro: Coroutine[Any, Any, T]) -> Future[T]:
+        return asyncio.run_coroutine_threadsafe(coro, self.loop)
+
+    def run(self, coro: Coroutine[Any, Any, T], timeout: float | None = None) -> T:
+        """Run ``coro`` on the loop and wait for its result (from any thread but the loop's)."""
+        return self.submit(coro).result(timeout)
+
+    async def call(self, coro: Coroutine[Any, Any, T]) -> T:
+        """Await ``coro`` running on the loop; cancelling the caller cancels it."""
+        return await asyncio.wrap_future(self.submit(coro))
+
+    async def relay(self, produce: Callable[[Callable[[Any], None]], Coroutine[Any, Any, None]]
+                    ) -> AsyncIterator[GenerationChunk]:
+        """The chunks ``produce(put)`` puts while it runs on the loop (an exception put ends the
+        stream with it), until the chunk with a finish reason; leaving early cancels ``produce``,
+        which aborts its request."""
+        caller = asyncio.get_running_loop()
+        sink: asyncio.Queue[Any] = asyncio.Queue()
+
+        def put(item: Any) -> None:
+            caller.call_soon_threadsafe(sink.put_nowait, item)
+
+        task = self.submit(produce(put))
+        try:
+            async for chunk in drain(sink):
+                yield chunk
+        finally:
+            task.cancel()
+
+    def stop(self, timeout: float = 10) -> None:
+        """Stop the loop and join its thread (what runs on it should be finished or cancelled)."""
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(timeout)
+        if not self.thread.is_alive():
+            self.loop.close()
+
+
 def iterate_sync(factory: Callable[[], AsyncIterator[T]]) -> Iterator[T]:
-    """Iterate an async iterator from synchronous code: it runs on a private event loop in a
-    helper thread; items cross through a queue. Leaving the loop early cancels the iterator."""
+    """Iterate an async iterator from synchronous code: it runs on a private `LoopThread`;
+    items cross through a queue. Leaving the loop early cancels the iterator."""
     items: queue.Queue[tuple[str, Any]] = queue.Queue()
-    loop = asyncio.new_event_loop()
 
     async def pump() -> None:
         try:
@@ -107,9 +158,8 @@ def iterate_sync(factory: Callable[[], AsyncIterator[T]]) -> Iterator[T]:
         except BaseException as e:  # noqa: B036 - handed to the consumer, cancellation too
             items.put(("error", e))
 
-    thread = threading.Thread(target=loop.run_forever, name="rag-iterate", daemon=True)
-    thread.start()
-    future = asyncio.run_coroutine_threadsafe(pump(), loop)
+    runner = LoopThread("rag-iterate")
+    future = runner.submit(pump())
     try:
         while True:
             kind, value = items.get()
@@ -122,9 +172,7 @@ def iterate_sync(factory: Callable[[], AsyncIterator[T]]) -> Iterator[T]:
         future.cancel()
         with contextlib.suppress(BaseException):
             future.result(timeout=10)
-        loop.call_soon_threadsafe(loop.stop)
-        thread.join()
-        loop.close()
+        runner.stop()
 
 
 class TokenizerOps:
@@ -136,6 +184,7 @@ class TokenizerOps:
 
     _tokenizer: Any = None
     _tok_lock: threading.Lock
+    exact_token_logprobs: bool | None = True
     _adds_bos: bool | None = None
 
     def _tok(self) -> Any:

@@ -24,11 +24,11 @@ import asyncio
 import logging
 import os
 import threading
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from typing import Any
 
 from rag.errors import ConfigError, GenerationError, missing_extra
-from rag.generation import Prompt, TokenizerOps, drain
+from rag.generation import LoopThread, Prompt, TokenizerOps
 from rag.models import resolve_model
 from rag.types import Generation, GenerationChunk, GenerationParams
 
@@ -66,8 +66,7 @@ class OpenAIGenerator(TokenizerOps):
         self.exact_token_logprobs: bool | None = None  # known after load()
         self._extensions = True  # vLLM's request fields; off for a server that refuses them
         self._client: Any = None
-        self._loop: asyncio.AbstractEventLoop | None = None
-        self._thread: threading.Thread | None = None
+        self._runner: LoopThread | None = None  # the client's loop
         self._tok_lock = threading.Lock()
         self._load_lock = threading.Lock()
 
@@ -100,23 +99,21 @@ class OpenAIGenerator(TokenizerOps):
             raise ConfigError(f"backend openai needs the model's tokenizer here; {self.tokenizer_name!r} "
                               f"could not be loaded ({e}); set generator.tokenizer to a local folder "
                               "holding the model's tokenizer files") from None
-        loop = asyncio.new_event_loop()
-        thread = threading.Thread(target=loop.run_forever, name="rag-openai-client", daemon=True)
-        thread.start()
+        runner = LoopThread("rag-openai-client")
 
         async def create() -> Any:
             return openai.AsyncOpenAI(base_url=self.base_url, api_key=key, timeout=self.timeout_s,
                                       max_retries=self.max_retries)
 
-        client = asyncio.run_coroutine_threadsafe(create(), loop).result()
+        client = runner.run(create())
         # the caller may hold _tok_lock (load() runs from the tokenizer ops): no encode() here
         probe_ids = list(self._tokenizer("a")["input_ids"])
         try:
-            exact = asyncio.run_coroutine_threadsafe(self._probe(client, probe_ids), loop).result()
+            exact = runner.run(self._probe(client, probe_ids))
         except BaseException:
-            _stop(client, loop, thread)
+            _stop(client, runner)
             raise
-        self._client, self._loop, self._thread = client, loop, thread
+        self._client, self._runner = client, runner
         self.exact_token_logprobs = exact
 
     async def _probe(self, client: Any, ids: list[int]) -> bool:
@@ -138,10 +135,10 @@ class OpenAIGenerator(TokenizerOps):
 
     def close(self) -> None:
         with self._load_lock:
-            client, loop, thread = self._client, self._loop, self._thread
-            self._client = self._loop = self._thread = None
-        if client is not None and loop is not None and thread is not None:
-            _stop(client, loop, thread)
+            client, runner = self._client, self._runner
+            self._client, self._runner = None, None
+        if client is not None and runner is not None:
+            _stop(client, runner)
 
     def _tok(self) -> Any:
         if self._tokenizer is None:
@@ -257,16 +254,16 @@ class OpenAIGenerator(TokenizerOps):
                     out.setdefault(ids[0], float(value))
         return out
 
-    def _client_loop(self) -> asyncio.AbstractEventLoop:
+    def _client_loop(self) -> LoopThread:
         self.load()
-        assert self._loop is not None
-        return self._loop
+        assert self._runner is not None
+        return self._runner
 
     async def agenerate(self, prompts: Sequence[Prompt], params: GenerationParams) -> list[Generation]:
         """One request per prompt, all in flight together (the server batches them)."""
         if not prompts:
             return []
-        loop = self._client_loop()
+        runner = self._client_loop()
         ids = [self.prompt_ids(p) for p in prompts]
 
         async def one(i: list[int]) -> Generation:
@@ -276,20 +273,15 @@ class OpenAIGenerator(TokenizerOps):
         async def run_all() -> list[Generation]:
             return list(await asyncio.gather(*(one(i) for i in ids)))
 
-        return await asyncio.wrap_future(asyncio.run_coroutine_threadsafe(run_all(), loop))  # type: ignore[no-any-return]
+        return await runner.call(run_all())
 
     async def stream(self, prompt: Prompt, params: GenerationParams) -> AsyncIterator[GenerationChunk]:
         """Text deltas as the server sends them; closing the iteration closes the connection,
         which makes vLLM abort the request."""
-        loop = self._client_loop()
-        caller = asyncio.get_running_loop()
-        sink: asyncio.Queue[Any] = asyncio.Queue()
+        runner = self._client_loop()
         ids = self.prompt_ids(prompt)
 
-        def put(item: Any) -> None:
-            caller.call_soon_threadsafe(sink.put_nowait, item)
-
-        async def pump() -> None:  # on the client loop
+        async def pump(put: Callable[[Any], None]) -> None:  # on the client loop
             n, final = 0, None
             try:
                 stream = await self._call(self._client.completions.create(**self._body(ids, params, stream=True)))
@@ -315,22 +307,17 @@ class OpenAIGenerator(TokenizerOps):
             except Exception as e:
                 put(self._error(e))
 
-        task = asyncio.run_coroutine_threadsafe(pump(), loop)
-        try:
-            async for chunk in drain(sink):
-                yield chunk
-        finally:
-            task.cancel()
+        async for chunk in runner.relay(pump):
+            yield chunk
 
 
-def _stop(client: Any, loop: asyncio.AbstractEventLoop, thread: threading.Thread) -> None:
+def _stop(client: Any, runner: LoopThread) -> None:
     """Close the client's connections on its loop, then stop the loop and its thread."""
     try:
-        asyncio.run_coroutine_threadsafe(client.close(), loop).result(timeout=5)
+        runner.run(client.close(), timeout=5)
     except Exception as e:
         log.debug("openai client close: %s", e)
-    loop.call_soon_threadsafe(loop.stop)
-    thread.join(timeout=5)
+    runner.stop(timeout=5)
 
 
 def _top(choice: Any) -> list[dict[str, float]]:

@@ -24,11 +24,11 @@ import logging
 import os
 import threading
 import uuid
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from typing import Any
 
 from rag.errors import ConfigError, GenerationError, missing_extra
-from rag.generation import Prompt, TokenizerOps, drain
+from rag.generation import LoopThread, Prompt, TokenizerOps
 from rag.models import resolve_model
 from rag.types import Generation, GenerationChunk, GenerationParams
 
@@ -141,8 +141,7 @@ class VLLMGenerator(TokenizerOps):
         self.max_logprobs = max_logprobs
         self._engine: Any = None
         self._procs: list[Any] = []  # the engine's processes (EngineCore, workers)
-        self._loop: asyncio.AbstractEventLoop | None = None
-        self._thread: threading.Thread | None = None
+        self._runner: LoopThread | None = None  # the engine's loop
         self._tok_lock = threading.Lock()
         self._load_lock = threading.Lock()
 
@@ -166,9 +165,7 @@ class VLLMGenerator(TokenizerOps):
                            tensor_parallel_size=self.tensor_parallel_size, seed=self.seed,
                            max_logprobs=self.max_logprobs)
         self._tokenizer = AutoTokenizer.from_pretrained(path)
-        loop = asyncio.new_event_loop()
-        thread = threading.Thread(target=loop.run_forever, name="rag-vllm-engine", daemon=True)
-        thread.start()
+        runner = LoopThread("rag-vllm-engine")
 
         async def create() -> Any:  # the engine binds to the loop it is created on
             return AsyncLLM.from_engine_args(AsyncEngineArgs(**kw))
@@ -178,14 +175,12 @@ class VLLMGenerator(TokenizerOps):
         me = psutil.Process()
         before = {p.pid for p in me.children(recursive=True)}
         try:
-            self._engine = asyncio.run_coroutine_threadsafe(create(), loop).result()
+            self._engine = runner.run(create())
             self._procs = [p for p in me.children(recursive=True) if p.pid not in before]
         except BaseException:
-            loop.call_soon_threadsafe(loop.stop)
-            thread.join()
-            loop.close()
+            runner.stop()
             raise
-        self._loop, self._thread = loop, thread
+        self._runner = runner
         atexit.register(self.close)
 
     def close(self) -> None:
@@ -193,10 +188,9 @@ class VLLMGenerator(TokenizerOps):
         still running are cancelled first; an engine process that has not exited 2 s after the
         shutdown request is killed, so none outlives its generator."""
         with self._load_lock:
-            engine, loop, thread, procs = self._engine, self._loop, self._thread, self._procs
-            self._engine = self._loop = self._thread = None
-            self._procs = []
-        if engine is None or loop is None or thread is None:
+            engine, runner, procs = self._engine, self._runner, self._procs
+            self._engine, self._runner, self._procs = None, None, []
+        if engine is None or runner is None:
             return
         try:
             async def cancel_requests() -> None:
@@ -205,7 +199,7 @@ class VLLMGenerator(TokenizerOps):
                     t.cancel()
                 await asyncio.gather(*tasks, return_exceptions=True)
 
-            asyncio.run_coroutine_threadsafe(cancel_requests(), loop).result(timeout=10)
+            runner.run(cancel_requests(), timeout=10)
         except Exception as e:  # best effort: the engine shutdown below still runs
             log.debug("vLLM request cancellation: %s", e)
         try:
@@ -213,8 +207,7 @@ class VLLMGenerator(TokenizerOps):
         except Exception as e:
             log.debug("vLLM shutdown: %s", e)
         _kill(procs)
-        loop.call_soon_threadsafe(loop.stop)
-        thread.join(timeout=10)
+        runner.stop()
         atexit.unregister(self.close)
 
     def _tok(self) -> Any:
@@ -230,10 +223,10 @@ class VLLMGenerator(TokenizerOps):
 
     # --- requests --------------------------------------------------------------------------
 
-    def _engine_loop(self) -> asyncio.AbstractEventLoop:
+    def _engine_loop(self) -> LoopThread:
         self.load()
-        assert self._loop is not None
-        return self._loop
+        assert self._runner is not None
+        return self._runner
 
     async def _one(self, ids: list[int], sp: Any) -> Any:
         """One request on the engine loop; returns its final output."""
@@ -251,16 +244,16 @@ class VLLMGenerator(TokenizerOps):
         Cancelling the caller aborts the prompts still running."""
         if not prompts:
             return []
-        loop = self._engine_loop()
+        runner = self._engine_loop()
         sp = sampling_params(params)
         ids = [self.prompt_ids(p) for p in prompts]
         if params.prompt_logprobs and params.prompt_logprobs_tail and params.max_new_tokens == 1 and not params.stop:
-            return list(await _on_loop(self._tail_logprobs(ids, params), loop))
+            return await runner.call(self._tail_logprobs(ids, params))
 
         async def run_all() -> list[Any]:
             return list(await asyncio.gather(*(self._one(i, sp) for i in ids)))
 
-        outs = await _on_loop(run_all(), loop)
+        outs = await runner.call(run_all())
         return [to_generation(o, params) for o in outs]
 
     async def _tail_logprobs(self, ids: list[list[int]], params: GenerationParams) -> list[Generation]:
@@ -310,13 +303,11 @@ class VLLMGenerator(TokenizerOps):
 
     async def stream(self, prompt: Prompt, params: GenerationParams) -> AsyncIterator[GenerationChunk]:
         """Text deltas as the engine produces them; closing the iteration aborts the request."""
-        loop = self._engine_loop()
-        caller = asyncio.get_running_loop()
-        sink: asyncio.Queue[Any] = asyncio.Queue()
+        runner = self._engine_loop()
         ids = self.prompt_ids(prompt)
         sp = sampling_params(params, stream=True)
 
-        async def pump() -> None:  # on the engine loop
+        async def pump(put: Callable[[Any], None]) -> None:  # on the engine loop
             n = 0
             try:
                 async for out in self._engine.generate({"prompt_token_ids": ids}, sp,
@@ -326,21 +317,17 @@ class VLLMGenerator(TokenizerOps):
                     finish = None
                     if out.finished:
                         finish = "stop" if comp.finish_reason == "stop" else "length"
-                    caller.call_soon_threadsafe(sink.put_nowait, GenerationChunk(
-                        text=comp.text, completion_tokens=n, prompt_tokens=len(ids), finish_reason=finish))
+                    put(GenerationChunk(text=comp.text, completion_tokens=n, prompt_tokens=len(ids),
+                                        finish_reason=finish))
             except asyncio.CancelledError:
                 raise
             except (ValueError, TypeError) as e:
-                caller.call_soon_threadsafe(sink.put_nowait, GenerationError(f"vLLM rejected the request: {e}"))
+                put(GenerationError(f"vLLM rejected the request: {e}"))
             except Exception as e:
-                caller.call_soon_threadsafe(sink.put_nowait, GenerationError(f"generation failed: {e}"))
+                put(GenerationError(f"generation failed: {e}"))
 
-        task = asyncio.run_coroutine_threadsafe(pump(), loop)
-        try:
-            async for chunk in drain(sink):
-                yield chunk
-        finally:
-            task.cancel()  # aborts the request in the engine if it is still running
+        async for chunk in runner.relay(pump):  # leaving early aborts the request in the engine
+            yield chunk
 
 
 def _prefix_hashes(ids: list[int]) -> list[int]:
@@ -365,8 +352,3 @@ def _kill(procs: list[Any]) -> None:
         except psutil.NoSuchProcess:
             pass
     psutil.wait_procs(alive, timeout=3)
-
-
-async def _on_loop(coro: Any, loop: asyncio.AbstractEventLoop) -> Any:
-    """Await ``coro`` running on another thread's ``loop``; cancelling the caller cancels it."""
-    return await asyncio.wrap_future(asyncio.run_coroutine_threadsafe(coro, loop))

@@ -31,7 +31,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from rag.config import IndexRecipe
 from rag.embedding import Embedder, identity, load_embedder, resolve_prompts
-from rag.errors import IndexCorruptError, IndexMismatchError
+from rag.errors import IndexCorruptError, IndexMismatchError, validation_message
 from rag.index.owner import CURRENT, LINKED, WORK, Version, Writer, current_version, not_found
 
 log = logging.getLogger(__name__)
@@ -103,9 +103,7 @@ def load_manifest(version: Path) -> Manifest:
     except FileNotFoundError:
         raise not_found(version) from None
     except ValidationError as e:
-        first = e.errors()[0]
-        field = ".".join(map(str, first["loc"])) or "the file"
-        raise damaged(path, f"not a valid manifest ({field}: {first['msg']})") from None
+        raise damaged(path, f"not a valid manifest ({validation_message(e.errors())})") from None
 
 
 def check_embedder(manifest: Manifest, embedder: Embedder, folder: str | Path) -> None:

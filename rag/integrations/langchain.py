@@ -14,7 +14,9 @@ from typing import Any
 
 from rag.errors import PromptError, missing_extra
 from rag.generation import iterate_sync
-from rag.types import Answer, ChatMessage, DoneEvent, TextEvent
+from rag.pipeline import Pipeline
+from rag.retriever import Retriever
+from rag.types import Answer, ChatMessage, DoneEvent, GenerationParams, TextEvent
 
 try:
     from langchain_core.callbacks import (
@@ -42,7 +44,7 @@ def hit_to_document(hit: Any) -> Document:
 class RagRetriever(BaseRetriever):
     """Wraps a `rag.retriever.Retriever`; ``batch`` uses the retriever's batched search."""
 
-    retriever: Any
+    retriever: Retriever
     top_k: int = 4
     filter: dict[str, Any] | None = None
 
@@ -83,11 +85,11 @@ class RagChatModel(BaseChatModel):
     finish reason and Self-RAG scores are in ``response_metadata``; token counts in
     ``usage_metadata``.
 
-        chat = RagChatModel(pipeline=build_pipeline(load_pipeline_config("pipelines/default.yaml")))
+        chat = RagChatModel(pipeline=build_pipeline(load_pipeline_config(DEFAULT_PIPELINE)))
         chat.invoke("How do I open a file?").content
     """
 
-    pipeline: Any
+    pipeline: Pipeline
 
     @property
     def _llm_type(self) -> str:
@@ -112,10 +114,10 @@ class RagChatModel(BaseChatModel):
         return self._result(await self.pipeline.aanswer(_to_chat_messages(messages),
                                                         params=self._params(stop)))
 
-    def _params(self, stop: list[str] | None) -> Any:
-        if not stop or self.pipeline.generator is None:
+    def _params(self, stop: list[str] | None) -> GenerationParams | None:
+        base = self.pipeline.info().generation
+        if not stop or base is None:
             return None
-        base = self.pipeline.config.generation
         return base.model_copy(update={"stop": list(dict.fromkeys(base.stop + stop))})
 
     async def _astream(self, messages: list[BaseMessage], stop: list[str] | None = None,

@@ -13,9 +13,9 @@ import asyncio
 import threading
 from collections.abc import AsyncIterator, Sequence
 from concurrent.futures import Future
-from typing import Any, Protocol, runtime_checkable
+from typing import Protocol, runtime_checkable
 
-from rag.config import PipelineConfig
+from rag.config import PipelineConfig, RetrievalPipelineConfig
 from rag.errors import ConfigError
 from rag.generation import Generator, run_sync
 from rag.prompts import check_messages
@@ -28,6 +28,7 @@ from rag.types import (
     DoneEvent,
     GenerationParams,
     Hit,
+    PipelineInfo,
     SourcesEvent,
     TextEvent,
 )
@@ -37,15 +38,26 @@ Conversation = Sequence[ChatMessage]
 
 @runtime_checkable
 class Pipeline(Protocol):
-    """What every pipeline kind offers its entry points."""
+    """What every pipeline kind offers its entry points (the CLI, the service, evaluation, the
+    LangChain and SciPhi adapters). ``generator`` is there for the faces that serve the model
+    itself (``/v1/completions``, the answer judge); the rest ask `info`."""
 
-    config: PipelineConfig
-    generator: Generator | None
-    retriever: Retriever | None
+    @property
+    def config(self) -> PipelineConfig: ...
+
+    @property
+    def generator(self) -> Generator | None: ...
+
+    @property
+    def retriever(self) -> Retriever | None: ...
+
+    def info(self) -> PipelineInfo: ...
 
     def validate(self, messages: Conversation) -> None: ...
 
     def search(self, query: str, top_k: int, *, mode: str | None = None) -> list[Hit]: ...
+
+    def search_batch(self, queries: Sequence[str], top_k: int, *, mode: str | None = None) -> list[list[Hit]]: ...
 
     def load(self) -> Pipeline: ...
 
@@ -59,6 +71,14 @@ class Pipeline(Protocol):
 
     def astream(self, messages: Conversation, *, top_k: int | None = None,
                 params: GenerationParams | None = None) -> AsyncIterator[AnswerEvent]: ...
+
+    async def aanswer(self, messages: Conversation, *, top_k: int | None = None,
+                      params: GenerationParams | None = None) -> Answer: ...
+
+    def chat(self, messages: Conversation, *, top_k: int | None = None,
+             params: GenerationParams | None = None) -> Answer: ...
+
+    def ask(self, question: str, *, top_k: int | None = None, params: GenerationParams | None = None) -> Answer: ...
 
     def close(self) -> None: ...
 
@@ -174,11 +194,24 @@ class BasePipeline:
                 return event.answer
         raise RuntimeError("pipeline stream ended without an answer")  # pragma: no cover
 
-    def chat(self, messages: Conversation, **kw: Any) -> Answer:
-        return self.answer_batch([messages], **kw)[0]
+    def chat(self, messages: Conversation, *, top_k: int | None = None,
+             params: GenerationParams | None = None) -> Answer:
+        return self.answer_batch([messages], top_k=top_k, params=params)[0]
 
-    def ask(self, question: str, **kw: Any) -> Answer:
-        return self.chat([ChatMessage(role="user", content=question)], **kw)
+    def ask(self, question: str, *, top_k: int | None = None, params: GenerationParams | None = None) -> Answer:
+        return self.chat([ChatMessage(role="user", content=question)], top_k=top_k, params=params)
+
+    def info(self) -> PipelineInfo:
+        """Name, kind, model, retrieval settings and the index version served now."""
+        c, r = self.config, self.retriever
+        gen = None if isinstance(c, RetrievalPipelineConfig) or self.generator is None else c.generation
+        own = c.retrieval.mode if r is not None else None
+        index = r.describe() if r is not None else None
+        modes = ["dense", "bm25", "hybrid"] if index is not None and index.index else ([own] if own else [])
+        return PipelineInfo(name=c.name, kind=c.kind, retrieval_mode=own, search_modes=modes,
+                            top_k=c.retrieval.top_k, index=index,
+                            generator=self.generator.model_name if self.generator is not None else None,
+                            generation=gen, max_tokens=gen.max_new_tokens if gen is not None else None)
 
     def load(self) -> BasePipeline:
         """Do the heavy work now rather than on the first request: load the generator and the

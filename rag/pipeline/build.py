@@ -3,17 +3,20 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from rag.config import PipelineConfig, RetrievalPipelineConfig, SelfRagPipelineConfig
 from rag.errors import ConfigError
 from rag.generation import Generator, load_generator
 from rag.retriever import Retriever, load_retriever, open_retriever
 
+if TYPE_CHECKING:
+    from rag.pipeline import Pipeline
+
 
 def build_pipeline(config: PipelineConfig, *, index: str | Path | None = None,
                    generator: Generator | None = None, retriever: Retriever | None = None,
-                   follow: bool = True) -> Any:
+                   follow: bool = True) -> Pipeline:
     """Load the generator and retriever a config names (``index`` overrides the config's).
     ``follow``: the retriever serves each newly published version of the index folder (servers,
     chats); false keeps the version opened now (evaluation runs, so every question sees one).

@@ -14,7 +14,7 @@ from rag.config import ChatPipelineConfig
 from rag.errors import ConfigError
 from rag.generation import Generator
 from rag.pipeline import BasePipeline, Conversation, citations
-from rag.prompts import ChatFormat, get_format, last_user_message, remove_cruft
+from rag.prompts import ChatFormat, check_messages, get_format, last_user_message, remove_cruft
 from rag.prompts.sanitize import neutralize
 from rag.retriever import Retriever
 from rag.types import (
@@ -105,7 +105,10 @@ class ChatRagPipeline(BasePipeline):
         return self._format
 
     def validate(self, messages: Conversation) -> None:
-        self.format.render(messages)  # roles, order, template errors
+        """Roles and order, and a format this generator can render (before any work); the
+        prompt itself is rendered once, after retrieval."""
+        check_messages(messages)
+        _ = self.format
 
     def _params(self, params: GenerationParams | None) -> GenerationParams:
         """The call's generation settings; the sciphi format refuses any without the

@@ -35,7 +35,8 @@ def check_messages(messages: Sequence[ChatMessage]) -> None:
         raise PromptError("the conversation is empty; send at least one user message")
     for i, m in enumerate(messages):
         if m.role not in ROLES:
-            raise PromptError(f"messages[{i}].role is {m.role!r}; use one of {', '.join(ROLES)}")
+            raise PromptError(f"messages[{i}].role {m.role!r} is not supported; use {', '.join(ROLES[:-1])} "
+                              f"or {ROLES[-1]}")
     if messages[-1].role != "user":
         raise PromptError(f"the last message must come from the user, got {messages[-1].role!r}")
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import math
 from collections.abc import Sequence
-from typing import Any
+from typing import Protocol
 
 from rag.errors import ConfigError
 from rag.generation import Generator
@@ -32,6 +32,31 @@ from rag.selfrag.tokens import ReflectionTokens
 from rag.types import ChatMessage, Generation, GenerationParams, Passage
 
 
+class Critic(Protocol):
+    """What the Self-RAG decoder asks of a critic: the prompts, the retrieval decision's token
+    steps, passage relevance and the critique of each candidate."""
+
+    label: str
+    asks_model: bool  # IsSup/IsUse cost model calls (false: read off the candidates' tokens)
+
+    def prompt(self, question: str) -> str: ...
+
+    async def retrieval_steps(self, prompts: Sequence[str]) -> list[dict[int, float]]: ...
+
+    def retrieval_ids(self) -> tuple[int, int]: ...
+
+    def no_retrieval_prompt(self, question: str) -> str: ...
+
+    def candidate_prompt(self, question: str, passage: Passage) -> str: ...
+
+    def candidate_params(self, base: GenerationParams) -> GenerationParams: ...
+
+    async def relevance(self, pairs: Sequence[tuple[str, Passage]]) -> list[float]: ...
+
+    async def critique(self, items: Sequence[tuple[str, Passage, Generation]], w: Weights,
+                       relevance: Sequence[float] | None = None) -> list[Critique]: ...
+
+
 class TokenCritic:
     """Self-RAG models: candidates carry their own critique as reflection tokens."""
 
@@ -43,10 +68,10 @@ class TokenCritic:
         self.tokens = ReflectionTokens.from_generator(generator)
         self.instruction = instruction
         self.extra_control = generator.control_strings()
-        if getattr(generator, "exact_token_logprobs", True) is False:  # a remote server (after load)
+        if generator.exact_token_logprobs is False:  # a remote server that lacks them (known after load)
             raise ConfigError(
-                f"critic: tokens needs exact logprobs of the reflection tokens, and the server at "
-                f"{getattr(generator, 'base_url', '?')} does not return logprobs of requested token ids "
+                f"critic: tokens needs exact logprobs of the reflection tokens, and the server of "
+                f"{generator.model_name} does not return logprobs of requested token ids "
                 "(vLLM's logprob_token_ids); serve the model with vllm serve, or use critic: prompted")
 
     def prompt(self, question: str) -> str:
@@ -237,7 +262,7 @@ class PromptedCritic:
 
 
 def make_critic(kind: str, generator: Generator, *, instruction: str | None = None,
-                fmt: ChatFormat | None = None, relevance: str = "likelihood") -> Any:
+                fmt: ChatFormat | None = None, relevance: str = "likelihood") -> Critic:
     if kind == "tokens":
         return TokenCritic(generator, instruction=instruction)
     if kind == "prompted":

@@ -22,7 +22,7 @@ from rag.config import SelfRagSettings
 from rag.errors import ConfigError
 from rag.generation import Generator
 from rag.prompts import selfrag_paragraph
-from rag.selfrag.critic import TokenCritic
+from rag.selfrag.critic import Critic, TokenCritic
 from rag.selfrag.scoring import (
     Critique,
     Weights,
@@ -75,7 +75,7 @@ class SelfRagDecoder:
         params: base generation settings for candidates (max_new_tokens, temperature...).
     """
 
-    def __init__(self, generator: Generator, critic: Any, settings: SelfRagSettings,
+    def __init__(self, generator: Generator, critic: Critic, settings: SelfRagSettings,
                  params: GenerationParams):
         self.generator, self.critic, self.settings, self.params = generator, critic, settings, params
         self.weights = _weights(settings)
@@ -253,7 +253,8 @@ class TreeSearch:
                  static_hits: Sequence[Hit] | None):
         self.d, self.q, self.search, self.top_k = decoder, question, search, top_k
         self.static_hits = list(static_hits) if static_hits is not None else None
-        self.critic: TokenCritic = decoder.critic
+        assert isinstance(decoder.critic, TokenCritic)  # checked by the decoder before the search
+        self.critic = decoder.critic
         self.t = self.critic.tokens
         self.s = decoder.settings
         self.nodes: list[Node] = []

@@ -51,7 +51,7 @@ def test_sciphi_without_system_message_and_multi_turn() -> None:
 
 
 def test_unknown_role_and_bad_order_are_errors() -> None:
-    with pytest.raises(PromptError, match=r"messages\[1\]\.role is 'tool'"):
+    with pytest.raises(PromptError, match=r"messages\[1\]\.role 'tool' is not supported"):
         SciPhiFormat().render(msgs(("user", "a"), ("tool", "b"), ("user", "c")))
     with pytest.raises(PromptError, match="last message must come from the user"):
         SciPhiFormat().render(msgs(("user", "a"), ("assistant", "b")))
