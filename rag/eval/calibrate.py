@@ -11,7 +11,6 @@ candidate, and the oracle (the best candidate each time: the ceiling of any crit
 from __future__ import annotations
 
 import itertools
-import json
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -19,6 +18,7 @@ from typing import Any
 from rag.errors import ConfigError
 from rag.eval.fusion import split
 from rag.eval.metrics import exact_match, f1, match, match_normalized
+from rag.eval.records import EvalRecord, predictions_file, read_predictions
 
 METRICS = {"match": match, "match_norm": match_normalized, "em": exact_match, "f1": f1}
 PAPER = {"w_rel": 1.0, "w_sup": 1.0, "w_use": 0.5, "use_seq": True, "w_ret": 0.0}
@@ -28,11 +28,11 @@ TOP_RANKED = {"w_rel": 0.0, "w_sup": 0.0, "w_use": 0.0, "use_seq": False, "w_ret
 class Question:
     """One question's candidates, each candidate's score under every metric."""
 
-    def __init__(self, record: dict[str, Any], metric: str):
-        self.id = str(record["id"])
-        self.candidates = record["scores"]
+    def __init__(self, record: EvalRecord, metric: str):
+        self.id = record.id
+        self.candidates = record.scores
         score = METRICS[metric]
-        self.values = [score(c["text"], record["gold"]) for c in self.candidates]
+        self.values = [score(c["text"], record.gold) for c in self.candidates]
 
 
 def total(c: dict[str, Any], w: dict[str, Any]) -> float:
@@ -68,30 +68,21 @@ def screen_grid() -> list[dict[str, Any]]:
             for a, e in itertools.product(rel, ret) if a or e]
 
 
-def read_records(path: Path) -> tuple[Path, list[dict[str, Any]]]:
-    """A rag eval run's predictions.jsonl (given it or its pipeline folder) and its records."""
-    file = path / "predictions.jsonl" if path.is_dir() else path
-    if not file.is_file():
-        raise ConfigError(f"{file} does not exist; give a pipeline's folder of a rag eval run "
-                          "(runs/NAME/PIPELINE) or its predictions.jsonl")
-    return file, [json.loads(line) for line in file.read_text(encoding="utf-8").splitlines() if line.strip()]
-
-
-def read_predictions(path: Path) -> list[dict[str, Any]]:
+def read_candidates(path: Path) -> list[EvalRecord]:
     """The short-form records (with candidates) of a run's predictions.jsonl."""
-    file, records = read_records(path)
-    with_candidates = [r for r in records if len(r.get("scores") or []) > 1 and r.get("gold")]
+    file = predictions_file(path)
+    with_candidates = [r for r in read_predictions(file) if len(r.scores) > 1 and r.gold]
     if not with_candidates:
         raise ConfigError(f"{file} has no questions with several scored candidates and gold answers; "
                           "run rag eval with a Self-RAG short-form pipeline (kind: selfrag) on a set with answers")
-    if not all("s_ret" in c for r in with_candidates for c in r["scores"]):
+    if not all("s_ret" in c for r in with_candidates for c in r.scores):
         raise ConfigError(f"{file} was written before candidates carried their retrieval prior (s_ret); "
                           "rerun rag eval")
     return with_candidates
 
 
-def tune(records: Sequence[dict[str, Any]], *, metric: str = "match", held_out: float = 0.5,
-         seed: int = 0, baseline: Sequence[dict[str, Any]] | None = None, screen: bool = False) -> dict[str, Any]:
+def tune(records: Sequence[EvalRecord], *, metric: str = "match", held_out: float = 0.5,
+         seed: int = 0, baseline: Sequence[EvalRecord] | None = None, screen: bool = False) -> dict[str, Any]:
     """The weights that maximise ``metric`` on the tuning split (ties: the simplest, first in
     the grid), and each reference weighting on both splits; ``baseline`` (another pipeline's
     records on the same questions, e.g. naive RAG) is scored on the same two splits.
@@ -119,7 +110,7 @@ def tune(records: Sequence[dict[str, Any]], *, metric: str = "match", held_out: 
               "tuned": row(best), "paper": row(PAPER), "top_ranked": row(TOP_RANKED),
               "oracle": {"tune": ceiling(tuning), "held_out": ceiling(held)}}
     if baseline is not None:
-        by_id = {str(r["id"]): METRICS[metric](r["prediction"], r["gold"]) for r in baseline}
+        by_id = {r.id: METRICS[metric](r.prediction, r.gold) for r in baseline}
         missing = [q.id for q in questions if q.id not in by_id]
         if missing:
             raise ConfigError(f"the baseline run lacks {len(missing)} of the questions (e.g. {missing[0]}); "

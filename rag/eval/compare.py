@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from rag.errors import ConfigError
+from rag.eval.records import EvalRecord, read_predictions
 
 PerQuery = Mapping[str, Mapping[str, float]]  # question id -> metric -> value
 ALPHA = 0.05
@@ -70,17 +71,9 @@ def compare(per_pipeline: Mapping[str, PerQuery], metrics: Sequence[str] | None 
     return rows
 
 
-def per_query_scores(folder: Path) -> PerQuery:
-    """Per-question metrics of one pipeline from its ``predictions.jsonl``."""
-    path = folder / "predictions.jsonl"
-    if not path.exists():
-        raise ConfigError(f"{path} not found: not a rag eval pipeline folder")
-    out = {}
-    for line in path.read_text(encoding="utf-8").splitlines():
-        if line.strip():
-            rec = json.loads(line)
-            out[str(rec["id"])] = rec["metrics"]
-    return out
+def per_query_scores(records: Sequence[EvalRecord]) -> PerQuery:
+    """Per-question metrics of one pipeline's records."""
+    return {r.id: r.metrics for r in records}
 
 
 def load_runs(folders: Sequence[str | Path]) -> dict[str, PerQuery]:
@@ -92,6 +85,6 @@ def load_runs(folders: Sequence[str | Path]) -> dict[str, PerQuery]:
         if not summary.exists():
             raise ConfigError(f"{summary} not found: give folders written by rag eval --out")
         for p in json.loads(summary.read_text())["pipelines"]:
-            out[f"{folder.name}/{p['pipeline']}"] = per_query_scores(folder / p["pipeline"])
+            out[f"{folder.name}/{p['pipeline']}"] = per_query_scores(read_predictions(folder / p["pipeline"]))
     return out
 

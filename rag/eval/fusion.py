@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any, Protocol, TypeVar
 
 from rag.errors import ConfigError
@@ -85,3 +86,14 @@ def tune(items: Sequence[EvalItem], dense: dict[str, list[Hit]], sparse: dict[st
     return {"measure": measure, "fusion": best, "tune_score": best_score, "tune_queries": len(tune_items),
             "held_out_queries": len(held), "held_out": table,
             "grid": [{**g, "score": s} for s, g in scored]}
+
+
+def tune_on_index(folder: str | Path, items: Sequence[EvalItem], *, measure: str = "ndcg@10",
+                  held_out: float = 0.5, seed: int = 0, depth: int = 100) -> dict[str, Any]:
+    """`tune` on the dense and BM25 rankings of an index folder (``depth`` candidates each)."""
+    from rag.retriever import BM25Retriever, DenseRetriever
+
+    queries, ids = [it.question for it in items], [it.id for it in items]
+    dense = dict(zip(ids, DenseRetriever.from_folder(folder).search_batch(queries, depth), strict=True))
+    sparse = dict(zip(ids, BM25Retriever(folder).search_batch(queries, depth), strict=True))
+    return tune(items, dense, sparse, measure=measure, held_out=held_out, seed=seed, depth=depth)

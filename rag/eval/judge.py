@@ -19,11 +19,17 @@ and its AUC stays near 0.5).
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING
 
+from rag.errors import ConfigError
 from rag.eval.metrics import normalize_answer
+from rag.generation import Generator
+from rag.prompts import ChatFormat
 from rag.selfrag.scoring import normalised
 from rag.types import ChatMessage, GenerationParams, Passage
+
+if TYPE_CHECKING:
+    from rag.pipeline import Pipeline
 
 FAITHFUL_Q = ("Passages:\n{passages}\n\nAnswer: {answer}\n\nIs every claim in the answer supported by the "
               "passages? Answer Yes or No.")
@@ -40,7 +46,7 @@ def answer_in_passage(answers: Sequence[str], passage: Passage) -> bool:
 class AnswerJudge:
     """Judges answers with ``generator`` in chat format ``fmt`` (a `rag.prompts.ChatFormat`)."""
 
-    def __init__(self, generator: Any, fmt: Any):
+    def __init__(self, generator: Generator, fmt: ChatFormat):
         self.generator, self.format = generator, fmt
         self.yes_no = generator.first_token_ids(["Yes", "No"])
 
@@ -76,13 +82,16 @@ class AnswerJudge:
         return [(int(answer_in_passage(golds, p)), s) for (_, golds, p), s in zip(items, scores, strict=True)]
 
 
-def make_judge(pipeline: Any) -> AnswerJudge:
+def make_judge(pipeline: Pipeline) -> AnswerJudge:
     """A judge on the pipeline's generator, in the model's chat template when it has one, else
     in the pipeline's prompt format."""
+    from rag.config import RetrievalPipelineConfig
     from rag.prompts import get_format
 
-    g = pipeline.generator
-    name = "hf_template" if g.has_chat_template else pipeline.config.prompt.format
+    g, config = pipeline.generator, pipeline.config
+    if g is None or isinstance(config, RetrievalPipelineConfig):
+        raise ConfigError(f"pipeline {config.name!r} has no generator to judge answers with")
+    name = "hf_template" if g.has_chat_template else config.prompt.format
     return AnswerJudge(g, get_format(name, generator=g, extra_control=g.control_strings()))
 
 

@@ -9,12 +9,12 @@ data (pipeline names, file paths) is escaped in the HTML.
 from __future__ import annotations
 
 import html
-import json
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 from rag.errors import missing_extra
+from rag.eval.records import EvalRecord
 
 ORDER = ["accuracy", "em", "f1", "match", "match_norm", "faithfulness", "answer_relevance",
          "ndcg@10", "recall@1", "recall@5", "recall@20", "recall@100", "hit@1", "hit@5", "hit@20",
@@ -92,15 +92,8 @@ def _curves(out: Path, names: Sequence[str], pipes: Sequence[dict[str, Any]]) ->
     return "recall_at_k.png"
 
 
-def _records(out: Path, pipeline: str) -> list[dict[str, Any]]:
-    pred = out / pipeline / "predictions.jsonl"
-    if not pred.exists():
-        return []
-    return [json.loads(line) for line in pred.read_text(encoding="utf-8").splitlines() if line.strip()]
-
-
-def _latency(out: Path, pipes: Sequence[dict[str, Any]]) -> str | None:
-    secs = {p["pipeline"]: [r["seconds"] for r in _records(out, p["pipeline"])] for p in pipes}
+def _latency(out: Path, records: Mapping[str, Sequence[EvalRecord]]) -> str | None:
+    secs = {name: [r.seconds for r in recs] for name, recs in records.items()}
     secs = {k: v for k, v in secs.items() if v}
     if not secs:
         return None
@@ -116,9 +109,8 @@ def _latency(out: Path, pipes: Sequence[dict[str, Any]]) -> str | None:
     return "latency.png"
 
 
-def _selfrag_scores(out: Path, pipes: Sequence[dict[str, Any]]) -> str | None:
-    totals = {p["pipeline"]: [s["total"] for r in _records(out, p["pipeline"]) for s in r.get("scores", [])]
-              for p in pipes}
+def _selfrag_scores(out: Path, records: Mapping[str, Sequence[EvalRecord]]) -> str | None:
+    totals = {name: [s["total"] for r in recs for s in r.scores] for name, recs in records.items()}
     totals = {k: v for k, v in totals.items() if v}
     if not totals:
         return None
@@ -148,8 +140,9 @@ def comparison_blocks(rows: Sequence[dict[str, Any]], test: str) -> list[Block]:
                          f"{r['p_adjusted']:.4f}"] for r in rows]))]
 
 
-def blocks(out: Path, summary: dict[str, Any]) -> list[Block]:
-    """The report's content, plots written to ``out`` as a side effect."""
+def blocks(out: Path, summary: dict[str, Any], records: Mapping[str, Sequence[EvalRecord]]) -> list[Block]:
+    """The report's content, plots written to ``out`` as a side effect; ``records``: each
+    pipeline's records by name."""
     names = _metric_names(summary)
     pipes = summary["pipelines"]
     doc: list[Block] = [("h1", f"Evaluation: {summary['data']}"),
@@ -169,7 +162,7 @@ def blocks(out: Path, summary: dict[str, Any]) -> list[Block]:
     answer = [n for n in names if not n.startswith(RETRIEVAL)]
     retrieval = [n for n in names if n.startswith(("ndcg@", "mrr@", "map")) or n in ("recall@100",)]
     for file in (_bars(out, "metrics.png", answer, pipes), _bars(out, "retrieval.png", retrieval, pipes),
-                 _curves(out, names, pipes), _latency(out, pipes), _selfrag_scores(out, pipes)):
+                 _curves(out, names, pipes), _latency(out, records), _selfrag_scores(out, records)):
         if file:
             doc.append(("img", file))
     doc += comparison_blocks(summary.get("comparisons") or [], summary.get("significance_test", ""))
@@ -216,9 +209,9 @@ def to_html(doc: Sequence[Block]) -> str:
     return "\n".join(parts + ["</body></html>"]) + "\n"
 
 
-def write_report(out: Path, summary: dict[str, Any]) -> Path:
+def write_report(out: Path, summary: dict[str, Any], records: Mapping[str, Sequence[EvalRecord]]) -> Path:
     """Write ``report.md``, ``report.html`` and the plots into ``out``; returns report.md."""
-    doc = blocks(out, summary)
+    doc = blocks(out, summary, records)
     (out / "report.html").write_text(to_html(doc), encoding="utf-8")
     path = out / "report.md"
     path.write_text(to_markdown(doc), encoding="utf-8")

@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from rag.errors import CorpusError, missing_extra
+from rag.eval.records import EvalRecord
 
 Qrels = Mapping[str, Mapping[str, int]]
 Run = Mapping[str, Sequence[tuple[str, float]]]
@@ -126,10 +127,10 @@ def read_run(path: str | Path) -> dict[str, list[tuple[str, float]]]:
     return out
 
 
-def run_from_records(records: Iterable[Mapping[str, Any]]) -> dict[str, list[tuple[str, float]]]:
+def run_from_records(records: Iterable[EvalRecord]) -> dict[str, list[tuple[str, float]]]:
     """The ranking of each prediction record (``hits`` with ``hit_scores``)."""
     out = {}
     for r in records:
-        scores = r.get("hit_scores") or [1.0 / (i + 1) for i in range(len(r["hits"]))]
-        out[str(r["id"])] = list(zip(r["hits"], scores, strict=True))
+        scores = r.hit_scores or [1.0 / (i + 1) for i in range(len(r.hits))]
+        out[r.id] = list(zip(r.hits, scores, strict=True))
     return out

@@ -19,9 +19,9 @@ import time
 from collections.abc import Sequence
 from importlib import metadata
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from rag.config import PipelineConfig, load_pipeline_config
+from rag.config import PipelineConfig, RetrievalPipelineConfig, SelfRagPipelineConfig, load_pipeline_config
 from rag.errors import ConfigError
 from rag.eval.datasets import EvalItem, load_dataset
 from rag.eval.metrics import (
@@ -32,8 +32,14 @@ from rag.eval.metrics import (
     match_normalized,
     normalize_answer,
 )
+from rag.eval.records import EvalRecord, append_predictions, read_predictions
 from rag.eval.retrieval import MEASURES, per_query, run_from_records, write_run
-from rag.types import Answer, ChatMessage, Hit
+from rag.generation import Generator
+from rag.pipeline import Pipeline
+from rag.types import Answer, ChatMessage, Hit, Passage
+
+if TYPE_CHECKING:
+    from rag.eval.judge import AnswerJudge
 
 log = logging.getLogger(__name__)
 HIT_KS = (1, 5, 20)
@@ -65,27 +71,6 @@ def score_item(item: EvalItem, answer: Answer, *, answer_metrics: bool = True,
     return m
 
 
-def _read_done(path: Path) -> dict[str, dict[str, Any]]:
-    """Finished records; a half-written last line (crash mid-write) is cut off."""
-    if not path.exists():
-        return {}
-    done, good_bytes = {}, 0
-    with path.open("rb") as f:
-        for raw in f:
-            try:
-                rec = json.loads(raw)
-            except json.JSONDecodeError:
-                break
-            if not raw.endswith(b"\n"):
-                break
-            done[str(rec["id"])] = rec
-            good_bytes += len(raw)
-    if good_bytes != path.stat().st_size:
-        with path.open("r+b") as f:
-            f.truncate(good_bytes)
-    return done
-
-
 def config_hash(config: PipelineConfig) -> str:
     return "sha256:" + hashlib.sha256(config.model_dump_json().encode()).hexdigest()[:16]
 
@@ -102,20 +87,13 @@ def _versions() -> dict[str, str]:
 
 
 def _record(item: EvalItem, answer: Answer, metrics: dict[str, float], seconds: float,
-            alce: bool = False) -> dict[str, Any]:
-    extra: dict[str, Any] = {}
+            alce: bool = False) -> EvalRecord:
+    rec = EvalRecord.of(item.id, item.question, item.answers or item.gold_ids, answer, metrics, seconds)
     if alce:  # long-form: the ALCE record (output with [i] citations, the cited docs)
         from rag.selfrag.decoder import to_alce
 
-        extra["alce"] = to_alce(item.question, answer, item.extra)
-    return {**extra, "id": item.id, "question": item.question, "prediction": answer.text,
-            "gold": item.answers or item.gold_ids, "metrics": metrics,
-            "citations": [c.model_dump() for c in answer.citations],
-            "hits": [h.passage.id for h in answer.hits[:100]],
-            "hit_scores": [round(h.score, 6) for h in answer.hits[:100]],
-            "scores": [s.model_dump() for s in answer.scores],
-            "retrieval": answer.retrieval.model_dump() if answer.retrieval else None,
-            "seconds": round(seconds, 4)}
+        rec.alce = to_alce(item.question, answer, item.extra)
+    return rec
 
 
 class _GeneratorCache:
@@ -123,18 +101,20 @@ class _GeneratorCache:
     shuts them all down."""
 
     def __init__(self) -> None:
-        self.loaded: dict[tuple[str, str, str], Any] = {}
+        self.loaded: dict[tuple[str, str, str], Generator] = {}
 
     @staticmethod
     def _key(config: PipelineConfig) -> tuple[str, str, str] | None:
-        g = getattr(config, "generator", None)
-        return None if g is None else (g.backend, g.model, g.dtype)
+        if isinstance(config, RetrievalPipelineConfig):
+            return None
+        g = config.generator
+        return g.backend, g.model, g.dtype
 
-    def get(self, config: PipelineConfig) -> Any:
+    def get(self, config: PipelineConfig) -> Generator | None:
         key = self._key(config)
         return None if key is None else self.loaded.get(key)
 
-    def put(self, config: PipelineConfig, pipeline: Any) -> None:
+    def put(self, config: PipelineConfig, pipeline: Pipeline) -> None:
         key = self._key(config)
         if key is not None and pipeline.generator is not None:
             self.loaded.setdefault(key, pipeline.generator)
@@ -144,10 +124,10 @@ class _GeneratorCache:
             generator.close()
 
 
-def run_pipeline(name: str, pipeline: Any, items: Sequence[EvalItem], out: Path, *,
+def run_pipeline(name: str, pipeline: Pipeline, items: Sequence[EvalItem], out: Path, *,
                  batch_size: int = 16, use_ctxs: bool = False, resume: bool = False,
                  progress: bool = True, ignore_identical_ids: bool = False,
-                 judge: bool = False) -> list[dict[str, Any]]:
+                 judge: bool = False) -> list[EvalRecord]:
     """Evaluate one pipeline; appends to ``out/predictions.jsonl`` batch by batch."""
     from tqdm.auto import tqdm
 
@@ -155,16 +135,16 @@ def run_pipeline(name: str, pipeline: Any, items: Sequence[EvalItem], out: Path,
     pred_file = out / "predictions.jsonl"
     if not resume and pred_file.exists():
         pred_file.unlink()
-    done = _read_done(pred_file) if resume else {}
+    done = {r.id: r for r in read_predictions(pred_file, repair=True)} if resume else {}
     todo = [it for it in items if it.id not in done]
-    generates = pipeline.generator is not None
+    info = pipeline.info()
+    generates = info.generator is not None
     judging = None
     if judge and generates:
         from rag.eval.judge import make_judge
 
         judging = make_judge(pipeline)
-    selfrag = getattr(pipeline.config, "selfrag", None)
-    long_form = selfrag is not None and selfrag.decoding == "long"
+    long_form = isinstance(pipeline.config, SelfRagPipelineConfig) and pipeline.config.selfrag.decoding == "long"
     if use_ctxs and not all(it.ctxs for it in todo):
         raise ConfigError("--use-ctxs: some questions carry no 'ctxs' passages")
     bar = tqdm(total=len(items), initial=len(items) - len(todo), desc=name, unit="q",
@@ -184,29 +164,26 @@ def run_pipeline(name: str, pipeline: Any, items: Sequence[EvalItem], out: Path,
             for it, a, verdict in zip(batch, answers, verdicts, strict=True):
                 metrics = score_item(it, a, answer_metrics=generates, ignore_identical_ids=ignore_identical_ids)
                 rec = _record(it, a, {**metrics, **verdict}, per, alce=long_form)
-                if it.id in checks:
-                    rec["judge_check"] = list(checks[it.id])
+                rec.judge_check = checks.get(it.id)
                 done[it.id] = rec
-                f.write(json.dumps(rec, ensure_ascii=False) + "\n")
-            f.flush()
-            os.fsync(f.fileno())
+            append_predictions(f, [done[it.id] for it in batch])
             bar.update(len(batch))
     bar.close()
     records = [done[it.id] for it in items if it.id in done]
     if long_form:  # what ALCE's eval.py (and FactScore, from topic + output) reads
-        _write_json(out / "alce.json", {"data": [r["alce"] for r in records]})
-    if any(r["hits"] for r in records):  # for trec_eval, ranx, pyserini
+        _write_json(out / "alce.json", {"data": [r.alce for r in records]})
+    if any(r.hits for r in records):  # for trec_eval, ranx, pyserini
         write_run(out / "run.trec", run_from_records(records), tag=name)
     return records
 
 
-def _judge(judge: Any, batch: Sequence[EvalItem], answers: Sequence[Answer]
+def _judge(judge: AnswerJudge, batch: Sequence[EvalItem], answers: Sequence[Answer]
            ) -> tuple[list[dict[str, float]], dict[str, tuple[int, float]]]:
     """The judge's verdicts on a batch's answers (cited passages), and its check against gold:
     does the top passage support the gold answer (label: the answer string occurs in it)."""
     from rag.generation import run_sync
 
-    def cited(a: Answer) -> list[Any]:
+    def cited(a: Answer) -> list[Passage]:
         ids = {c.id for c in a.citations}
         return [h.passage for h in a.hits if h.passage.id in ids]
 
@@ -223,24 +200,24 @@ def _write_json(path: Path, obj: Any) -> None:
     os.replace(tmp, path)
 
 
-def _judge_summary(records: Sequence[dict[str, Any]]) -> dict[str, Any]:
+def _judge_summary(records: Sequence[EvalRecord]) -> dict[str, Any]:
     from rag.eval.judge import METHOD, agreement, auc
 
-    checks = [(int(r["judge_check"][0]), float(r["judge_check"][1])) for r in records if "judge_check" in r]
+    checks = [r.judge_check for r in records if r.judge_check is not None]
     if not checks:
         return {}
     return {"judge": {"method": METHOD, "agreement": agreement(checks), "auc": auc(checks), "n": len(checks),
                       "supported": sum(label for label, _ in checks)}}
 
 
-def summarize(records: Sequence[dict[str, Any]]) -> dict[str, Any]:
-    names = sorted({k for r in records for k in r["metrics"]})
+def summarize(records: Sequence[EvalRecord]) -> dict[str, Any]:
+    names = sorted({k for r in records for k in r.metrics})
     metrics = {}
     for n in names:
-        vals = [r["metrics"][n] for r in records if n in r["metrics"]]
+        vals = [r.metrics[n] for r in records if n in r.metrics]
         lo, hi = bootstrap_ci(vals)
         metrics[n] = {"mean": sum(vals) / len(vals), "ci95": [lo, hi], "n": len(vals)}
-    secs = [r["seconds"] for r in records]
+    secs = [r.seconds for r in records]
     return {"n": len(records), "metrics": metrics,
             "seconds_per_question": sum(secs) / len(secs) if secs else 0.0}
 
@@ -259,16 +236,16 @@ def check_expected(config: PipelineConfig, summary: dict[str, Any]) -> list[str]
     return problems
 
 
-def _index_version(pipe: Any) -> int | None:
+def _index_version(pipe: Pipeline) -> int | None:
     """The index version a run answered from (one for the whole run)."""
-    describe = getattr(pipe.retriever, "describe", None)
-    return describe().get("version") if describe is not None else None
+    index = pipe.info().index
+    return index.version if index is not None else None
 
 
 def evaluate(pipeline_files: Sequence[str | Path], data: str | Path, *, format: str = "auto",
              index: str | Path | None = None, limit: int | None = None, out: str | Path = "runs/eval",
              resume: bool = False, batch_size: int = 16, use_ctxs: bool = False,
-             progress: bool = True, pipelines: dict[str, Any] | None = None,
+             progress: bool = True, pipelines: dict[str, Pipeline] | None = None,
              task: str | None = None, qrels: str | Path | None = None,
              ignore_identical_ids: bool = False, judge: bool = False) -> dict[str, Any]:
     """Run every pipeline over the question set; write predictions, TREC run files,
@@ -288,13 +265,13 @@ def evaluate(pipeline_files: Sequence[str | Path], data: str | Path, *, format: 
     out = Path(out)
     items = load_dataset(data, format, limit=limit, qrels=qrels)
     cache = _GeneratorCache()
-    results = []
+    results, records_of = [], {}
     try:
         for file in pipeline_files:
             config = load_pipeline_config(file, task=task)
             if use_ctxs and index is None and config.kind != "retrieval":  # the data brings the passages
                 config = config.model_copy(update={"index": None})
-            config_task = getattr(getattr(config, "selfrag", None), "task", None)
+            config_task = config.selfrag.task if isinstance(config, SelfRagPipelineConfig) else None
             pipe = (pipelines or {}).get(str(file)) or build_pipeline(config, index=index, follow=False,
                                                                        generator=cache.get(config))
             cache.put(config, pipe)
@@ -303,6 +280,7 @@ def evaluate(pipeline_files: Sequence[str | Path], data: str | Path, *, format: 
                                    use_ctxs=use_ctxs, resume=resume, progress=progress,
                                    ignore_identical_ids=ignore_identical_ids, judge=judge)
             summary = summarize(records)
+            records_of[config.name] = records
             results.append({"pipeline": config.name, "file": str(file), "config_hash": config_hash(config),
                             "kind": config.kind, "task": config_task,
                             "primary_metric": TASKS.get(config_task or "", {}).get("metric"),
@@ -320,13 +298,13 @@ def evaluate(pipeline_files: Sequence[str | Path], data: str | Path, *, format: 
                                  "(Self-RAG); match_norm = the same after SQuAD normalisation",
                    "ignore_identical_ids": ignore_identical_ids, "pipelines": results,
                    "significance_test": TEST,
-                   "comparisons": compare({r["pipeline"]: per_query_scores(out / r["pipeline"]) for r in results})
+                   "comparisons": compare({name: per_query_scores(recs) for name, recs in records_of.items()})
                    if len(results) > 1 else []}
     out.mkdir(parents=True, exist_ok=True)
     _write_json(out / "summary.json", summary_all)
     from rag.eval.report import write_report
 
-    write_report(out, summary_all)
+    write_report(out, summary_all, records_of)
     return summary_all
 
 
