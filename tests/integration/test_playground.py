@@ -18,7 +18,7 @@ import pytest
 from rag.config import ChatPipelineConfig, SelfRagPipelineConfig
 from rag.pipeline import ChatRagPipeline, SelfRagPipeline
 from rag.retriever import DenseRetriever
-from rag.service import create_app
+from rag.server import create_app
 from tests.integration.servers import passage_index, running
 
 pytestmark = pytest.mark.integration

@@ -17,7 +17,7 @@ from rag.config import ChatPipelineConfig, SelfRagPipelineConfig
 from rag.generation.scripted import ScriptedGenerator, text_generation
 from rag.pipeline import ChatRagPipeline, SelfRagPipeline
 from rag.retriever import DenseRetriever
-from rag.service import ServiceLimits, create_app
+from rag.server import ServiceLimits, create_app
 from tests.integration.servers import passage_index, running
 
 pytestmark = pytest.mark.integration
