@@ -63,7 +63,7 @@ def main() -> None:
     ap.add_argument("--requests", type=int, default=48)
     ap.add_argument("--levels", default="1,8,32")
     ap.add_argument("--max-tokens", type=int, default=24)
-    ap.add_argument("--pipeline", default=str(ROOT / "pipelines/default.yaml"))
+    ap.add_argument("--pipeline", default=str(ROOT / "rag/pipelines/default.yaml"))
     ap.add_argument("--index", default=str(ROOT / "indexes/pydoc"))
     args = ap.parse_args()
     levels = [int(x) for x in args.levels.split(",")]

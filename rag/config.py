@@ -18,7 +18,7 @@ from pydantic import (
     model_validator,
 )
 
-from rag.errors import ConfigError
+from rag.errors import ConfigError, validation_message
 from rag.types import GenerationParams
 
 Metric = Literal["ip", "l2"]
@@ -29,6 +29,10 @@ class _Config(BaseModel):
 
 
 _ConfigT = TypeVar("_ConfigT", bound=_Config)
+
+#: The pipeline ``rag ask``/``chat``/``serve`` use without ``--pipeline``; it ships in the package,
+#: so those commands work from any folder (with ``--index``).
+DEFAULT_PIPELINE = Path(__file__).resolve().parent / "pipelines" / "default.yaml"
 
 
 class IndexRecipe(_Config):
@@ -67,6 +71,29 @@ class IndexRecipe(_Config):
     def out_dir(self) -> Path:
         return Path(self.out) if self.out else Path("indexes") / self.name
 
+    @classmethod
+    def from_options(cls, recipe: str | Path | None = None, **options: Any) -> IndexRecipe:
+        """A recipe file (or, without one, a recipe named after ``out`` or ``corpus``) with the
+        options that are set (not None) applied on top; errors name the file or the option."""
+        given = {k: v for k, v in options.items() if v is not None}
+        if recipe is not None:
+            return load_recipe(recipe).with_overrides(**given)
+        if "corpus" not in given:
+            raise ConfigError("give a recipe (rag index build indexes/NAME.yaml) or --corpus PATH")
+        name = Path(str(given.get("out") or given["corpus"]).rstrip("/")).name.split(".")[0] or "index"
+        return cls._checked({"name": name, **given})
+
+    def with_overrides(self, **options: Any) -> IndexRecipe:
+        """This recipe with ``options`` replacing its fields, validated again."""
+        return self._checked({**self.model_dump(exclude_unset=True), **options})
+
+    @classmethod
+    def _checked(cls, fields: dict[str, Any]) -> IndexRecipe:
+        try:
+            return cls(**fields)
+        except ValidationError as e:
+            raise ConfigError(f"options: {validation_message(e.errors())}") from None
+
 
 def load_yaml(path: str | Path) -> dict[str, Any]:
     p = Path(path)
@@ -81,21 +108,13 @@ def load_yaml(path: str | Path) -> dict[str, Any]:
     return data
 
 
-def validation_message(path: str | Path, err: ValidationError) -> str:
-    parts = []
-    for e in err.errors():
-        loc = ".".join(str(x) for x in e["loc"]) or "(top level)"
-        parts.append(f"field '{loc}': {e['msg']}" + (f" (got {e['input']!r})" if e["type"] != "missing" else ""))
-    return f"{path}: " + "; ".join(parts)
-
-
 def _load(path: str | Path, model: type[_ConfigT]) -> _ConfigT:
     """Read a YAML file into ``model``; errors name the file and the field."""
     data = load_yaml(path)
     try:
         return model(**data)
     except ValidationError as e:
-        raise ConfigError(validation_message(path, e)) from None
+        raise ConfigError(f"{path}: {validation_message(e.errors())}") from None
 
 
 def load_recipe(path: str | Path) -> IndexRecipe:
@@ -280,20 +299,30 @@ def pipeline_config(source: str | Path = "pipeline", **data: Any) -> PipelineCon
         return _PIPELINE_ADAPTER.validate_python(data)
     except ValidationError as e:
         kind = data.get("kind", "chat")
-        parts = []
-        for er in e.errors():
-            loc = list(er["loc"])
-            if loc and loc[0] == kind:  # the union's tag
-                loc = loc[1:]
-            where = ".".join(str(x) for x in loc) or "kind"
-            if er["type"] == "extra_forbidden":
-                parts.append(f"field '{where}' is not a setting of kind: {kind} pipelines")
-            elif er["type"] == "pipeline_kind":
-                parts.append(f"field 'kind' must be chat, selfrag or retrieval (got {kind!r})")
-            else:
-                got = f" (got {er['input']!r})" if er["type"] != "missing" else ""
-                parts.append(f"field '{where}': {er['msg']}{got}")
-        raise ConfigError(f"{source}: " + "; ".join(parts)) from None
+        message = validation_message(e.errors(), drop=(kind,), rename={
+            "extra_forbidden": f"field '{{field}}' is not a setting of kind: {kind} pipelines",
+            "pipeline_kind": f"field 'kind' must be chat, selfrag or retrieval (got {kind!r})"})
+        raise ConfigError(f"{source}: {message}") from None
+
+
+def update_pipeline_file(path: str | Path, section: str, values: dict[str, Any], note: str, *,
+                         out: str | Path | None = None) -> Path:
+    """Merge ``values`` into one section of a pipeline YAML (``rag tune``'s write-back), check the
+    result is still a valid pipeline, and write it atomically to ``out`` (default: the same
+    file). The file's comment lines are kept, except an earlier note of the same command (the
+    note's first three words, ``# rag tune fusion``), which ``note`` replaces."""
+    path = Path(path)
+    raw = load_yaml(path)
+    raw[section] = {**raw.get(section, {}), **values}
+    pipeline_config(path, **raw)  # still a valid pipeline
+    command = " ".join(note.split()[:3])
+    header = [line for line in path.read_text(encoding="utf-8").splitlines()
+              if line.startswith("#") and not line.startswith(command)]
+    target = Path(out) if out is not None else path
+    tmp = target.with_name(target.name + ".tmp")
+    tmp.write_text("\n".join([*header, note]) + "\n" + yaml.safe_dump(raw, sort_keys=False), encoding="utf-8")
+    tmp.replace(target)
+    return target
 
 
 def load_pipeline_config(path: str | Path, *, task: str | None = None) -> PipelineConfig:

@@ -138,7 +138,7 @@ def test_ray_build_on_two_nodes_equals_local_build(cluster: dict[str, str], loca
     corpus, local = local96
     dist = tmp_path / "ray"
     r = run_cli("--debug", "index", "build", "--corpus", str(corpus), "--out", str(dist), "--batch-size", "8",
-                "-q", "--ray", cluster["ADDRESS"], "--ray-window", "16", env=cluster)
+                "-q", "--ray", "--ray-address", cluster["ADDRESS"], "--ray-window", "16", env=cluster)
     assert r.returncode == 0, r.stderr[-3000:]
     assert json.loads(r.stdout)["passages"] == 96
     assert "ray build: 6 windows on 2 nodes" in r.stderr  # both node processes encoded
@@ -151,7 +151,7 @@ def test_killed_ray_build_resumes_with_only_the_missing_windows(cluster: dict[st
     corpus, local = local96
     out = tmp_path / "ray"
     args = ["index", "build", "--corpus", str(corpus), "--out", str(out), "--batch-size", "8", "-q",
-            "--ray", cluster["ADDRESS"], "--ray-window", "8"]
+            "--ray", "--ray-address", cluster["ADDRESS"], "--ray-window", "8"]
     proc = subprocess.Popen([str(Path(sys.executable).with_name("rag")), *args], env={**os.environ, **cluster},
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 300
@@ -175,7 +175,7 @@ def test_ray_build_reports_bad_lines_like_a_local_build(cluster: dict[str, str],
     corpus = tmp_path / "c.jsonl"
     good = [json.dumps({"id": f"p{i}", "text": f"passage number {i} about topic {i % 3}"}) for i in range(20)]
     corpus.write_text("\n".join(good[:5] + ["{not json"] + good[5:]) + "\n")
-    ray = ["--ray", cluster["ADDRESS"], "--ray-window", "4"]
+    ray = ["--ray", "--ray-address", cluster["ADDRESS"], "--ray-window", "4"]
     failed = _build(corpus, tmp_path / "a", *ray, env=cluster, embedder="hash:32")
     assert failed.returncode == 1
     assert f"{corpus}:6" in failed.stderr and "--skip-bad-lines" in failed.stderr
