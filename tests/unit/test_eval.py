@@ -22,6 +22,7 @@ from rag.eval.runner import evaluate, score_item
 from rag.generation.scripted import ScriptedGenerator, text_generation
 from rag.pipeline import ChatRagPipeline, RetrievalPipeline
 from rag.types import ChatMessage, Hit, Passage
+from tests.unit.conftest import FixedRetriever
 
 
 def test_normalisation_edge_cases() -> None:
@@ -157,12 +158,9 @@ def test_check_reports_drift(tmp_path: Path) -> None:
 
 
 def test_retrieval_pipeline_scores_gold_passages() -> None:
-    class R:
-        def search_batch(self, qs: list[str], k: int) -> list[list[Hit]]:
-            return [[Hit(passage=Passage(id=i, text="t"), score=0.9 - r / 10, rank=r + 1)
-                     for r, i in enumerate(["x", "gold", "y"][:k])] for _ in qs]
-
-    pipe = RetrievalPipeline(pipeline_config(name="r", kind="retrieval", retrieval={"top_k": 3}), R())  # type: ignore[arg-type]
+    r = FixedRetriever(lambda q: [Hit(passage=Passage(id=i, text="t"), score=0.9 - r / 10, rank=r + 1)
+                                  for r, i in enumerate(["x", "gold", "y"])])
+    pipe = RetrievalPipeline(pipeline_config(name="r", kind="retrieval", retrieval={"top_k": 3}), r)
     (a,) = pipe.answer_batch([[ChatMessage(role="user", content="q")]])
     m = score_item(EvalItem(id="1", question="q", gold_ids=["gold"]), a, answer_metrics=False)
     assert m == {"recall@1": 0.0, "recall@5": 1.0, "recall@20": 1.0, "recall@100": 1.0, "hit@1": 0.0,

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import Sequence
 from pathlib import Path
 
 import pytest
@@ -22,7 +21,8 @@ from rag.sciphi import SciPhiInterface, generation_params
 from rag.selfrag.critic import TokenCritic
 from rag.selfrag.decoder import SelfRagDecoder, cite
 from rag.selfrag.scoring import normalise_closed_answer, vote
-from rag.types import ChatMessage, GenerationParams, Hit, Passage
+from rag.types import ChatMessage, GenerationParams, Passage
+from tests.unit.conftest import FixedRetriever
 from tests.unit.test_selfrag import TOK, candidate, hit, long_form, short_form, tree_rule
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -166,12 +166,8 @@ def test_rag_eval_long_form_writes_alce_records(tmp_path: Path) -> None:
 def sciphi_pipeline(raw: str = "[Relevant]Paris.[Utility:5]") -> tuple[ChatRagPipeline, ScriptedGenerator]:
     g = ScriptedGenerator(default=text_generation(raw))
 
-    class R:
-        def search_batch(self, qs: Sequence[str], k: int) -> list[list[Hit]]:
-            return [[hit("a")] for _ in qs]
-
     config = pipeline_config(name="s", prompt={"format": "sciphi"}, generation={"stop": ["<paragraph>"]})
-    return ChatRagPipeline(config, g, R()), g  # type: ignore[arg-type]
+    return ChatRagPipeline(config, g, FixedRetriever(lambda q: [hit("a")])), g  # type: ignore[arg-type]
 
 
 def test_sciphi_stop_check_cannot_be_bypassed_through_the_python_api() -> None:

@@ -27,6 +27,7 @@ from rag.selfrag.scoring import (
 )
 from rag.selfrag.tokens import ReflectionTokens
 from rag.types import ChatMessage, Generation, GenerationParams, Hit, Passage
+from tests.unit.conftest import FixedRetriever
 
 TOK = ScriptedTokenizer(REFLECTION_TOKENS)
 T = ReflectionTokens.from_generator(ScriptedGenerator(tokenizer=TOK))
@@ -312,11 +313,7 @@ def test_long_form_needs_reflection_tokens_and_pipeline_wiring() -> None:
     g = ScriptedGenerator(default=candidate(0.9, "Paris", "full", 5), tokenizer=TOK)
     config = pipeline_config(name="s", kind="selfrag", selfrag={"mode": "always"}, retrieval={"top_k": 2})
 
-    class R:
-        def search_batch(self, qs: Sequence[str], k: int) -> list[list[Hit]]:
-            return [[hit("a"), hit("b")][:k] for _ in qs]
-
-    pipe = SelfRagPipeline(config, g, R())  # type: ignore[arg-type]
+    pipe = SelfRagPipeline(config, g, FixedRetriever(lambda q: [hit("a"), hit("b")]))  # type: ignore[arg-type]
     a = pipe.ask("Where?")
     assert a.text == "Paris" and len(a.scores) == 2
     assert a.to_json()["scores"][0].keys() >= {"s_rel", "s_sup", "s_use", "seq", "total"}
@@ -491,19 +488,20 @@ def test_relevance_screen_with_reflection_tokens_reads_the_first_isrel_position(
 def test_calibration_picks_weights_on_the_tuning_split_and_reports_held_out(tmp_path) -> None:  # type: ignore[no-untyped-def]
     import json
 
-    from rag.eval.calibrate import PAPER, read_predictions, tune, value
+    from rag.eval.calibrate import PAPER, read_candidates, tune, value
+    from rag.eval.records import EvalRecord
 
     def cand(text: str, rel: float, seq: float, s_ret: float) -> dict[str, float | str]:
         return {"passage_id": text, "text": text, "s_rel": rel, "s_sup": 0.0, "s_use": 0.0, "seq": seq,
                 "total": 0.0, "s_ret": s_ret}
 
     # the right answer always sits in the top-ranked candidate, which the sequence score dislikes
-    records = [{"id": f"q{i}", "gold": ["Kelmora"], "scores": [cand("Kelmora", 0.1, 0.2, 1.0),
-                                                                cand("Paris", 0.1, 0.9, 0.5)]}
+    records = [EvalRecord(id=f"q{i}", question="q", prediction="", metrics={}, gold=["Kelmora"],
+                          scores=[cand("Kelmora", 0.1, 0.2, 1.0), cand("Paris", 0.1, 0.9, 0.5)])
                for i in range(40)]
     path = tmp_path / "predictions.jsonl"
-    path.write_text("".join(json.dumps(r) + "\n" for r in records))
-    result = tune(read_predictions(tmp_path))
+    path.write_text("".join(r.line() for r in records))
+    result = tune(read_candidates(tmp_path))
     assert result["paper"]["held_out"] == 0.0 and result["tuned"]["held_out"] == 1.0
     assert result["oracle"]["held_out"] == 1.0 and result["weights"]["w_ret"] > 0
     assert result["tune_questions"] + result["held_out_questions"] == 40
@@ -511,27 +509,27 @@ def test_calibration_picks_weights_on_the_tuning_split_and_reports_held_out(tmp_
 
     assert value([Question(r, "match") for r in records], PAPER) == 0.0
     old = tmp_path / "old.jsonl"
-    old.write_text(json.dumps({**records[0], "scores": [{k: v for k, v in c.items() if k != "s_ret"}
-                                                        for c in records[0]["scores"]]}) + "\n")
+    old.write_text(json.dumps({**records[0].model_dump(), "scores": [
+        {k: v for k, v in c.items() if k != "s_ret"} for c in records[0].scores]}) + "\n")
     with pytest.raises(ConfigError, match="rerun rag eval"):
-        read_predictions(old)
+        read_candidates(old)
 
 
 def test_screen_calibration_weighs_relevance_against_rank(tmp_path) -> None:  # type: ignore[no-untyped-def]
     """--screen: the pick is argmax(w_rel*s_rel + w_ret*s_ret); here relevance is right on every
     question (the second-ranked passage holds the answer and is judged relevant)."""
-    import json
 
-    from rag.eval.calibrate import read_predictions, tune
+    from rag.eval.calibrate import read_candidates, tune
+    from rag.eval.records import EvalRecord
 
     def cand(text: str, rel: float, s_ret: float) -> dict[str, float | str]:
         return {"passage_id": text, "text": text, "s_rel": rel, "s_sup": 0.0, "s_use": 0.0, "seq": 0.9,
                 "total": 0.0, "s_ret": s_ret}
 
-    records = [{"id": f"q{i}", "gold": ["Kelmora"], "scores": [cand("Paris", 0.1, 1.0), cand("Kelmora", 0.9, 0.5)]}
-               for i in range(40)]
-    (tmp_path / "predictions.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
-    result = tune(read_predictions(tmp_path), screen=True)
+    records = [EvalRecord(id=f"q{i}", question="q", prediction="", metrics={}, gold=["Kelmora"],
+                          scores=[cand("Paris", 0.1, 1.0), cand("Kelmora", 0.9, 0.5)]) for i in range(40)]
+    (tmp_path / "predictions.jsonl").write_text("".join(r.line() for r in records))
+    result = tune(read_candidates(tmp_path), screen=True)
     w = result["weights"]
     assert set(w) == {"candidates", "w_rel", "w_ret"} and w["candidates"] == 1
     assert 0.9 * w["w_rel"] + 0.5 * w["w_ret"] > 0.1 * w["w_rel"] + 1.0 * w["w_ret"]  # relevance wins
