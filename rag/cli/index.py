@@ -58,7 +58,7 @@ def build(
                           window=ray_window) if ray else None
     m = build_index(r, progress=not quiet, force=force, ray=ray_opts, wait=wait)
     echo_json({"index": str(r.out_dir()), "passages": m.passages, "factory": m.factory,
-               "embedder": m.embedder["name"], "build_seconds": m.build_seconds, "bytes": folder_size(r.out_dir())})
+               "embedder": m.embedder_info.name, "build_seconds": m.build_seconds, "bytes": folder_size(r.out_dir())})
 
 
 @app.command("info")

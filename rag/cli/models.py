@@ -35,7 +35,7 @@ def demo(quiet: Quiet = False) -> None:
     recipe = load_recipe(DEMO_RECIPE) if DEMO_RECIPE.exists() else IndexRecipe(
         name="pydoc", corpus="pydoc_data.topics")
     m = build_index(recipe, progress=not quiet)
-    typer.echo(f"index {recipe.out_dir()}: {m.passages} passages ({m.embedder['name']}, {m.factory})")
+    typer.echo(f"index {recipe.out_dir()}: {m.passages} passages ({m.embedder_info.name}, {m.factory})")
     retriever = load_retriever(recipe.out_dir(), "hybrid")
     for query, hits in zip(DEMO_QUERIES, retriever.search_batch(DEMO_QUERIES, 3), strict=True):
         typer.echo(f"\n? {query}")

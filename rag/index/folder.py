@@ -42,8 +42,33 @@ CHECKSUMMED = (INDEX_FILE, STORE_FILE, REPORT_FILE)
 FORMAT_VERSION = 1
 
 
+class EmbedderInfo(BaseModel):
+    """The manifest's ``embedder`` entry: the encoder an index was built with."""
+
+    model_config = ConfigDict(frozen=True, extra="ignore")
+    name: str
+    dim: int
+    normalize: bool = True
+    query_prompt: str = ""
+    passage_prompt: str = ""
+    precision: str = "fp32"
+
+
+class CorpusEntry(BaseModel):
+    """One of the manifest's ``corpora``: a corpus by its absolute path, and its fingerprint."""
+
+    model_config = ConfigDict(frozen=True, extra="ignore")
+    path: str
+    format: str = "auto"
+    fingerprint: str | None = None
+    chunk_size: int = 100
+    chunk_stride: int | None = None
+
+
 class Manifest(BaseModel):
-    """What an index folder was built from; checked whenever the index is loaded."""
+    """What an index folder was built from; checked whenever the index is loaded. ``embedder``
+    and ``corpora`` stay the JSON written (the digest covers it byte for byte); read them typed
+    through `embedder_info` and `corpus_entries`."""
 
     model_config = ConfigDict(extra="forbid")
 
@@ -64,6 +89,14 @@ class Manifest(BaseModel):
     version: int = Field(0, description="the version number (versions/v<N>); 0: written before versions")
     change_key: str = Field("", description="the build or change that wrote this version (resuming it)")
     digest: str = Field("", description="sha256 of the rest of the manifest, so verify sees a hand edit")
+
+    @property
+    def embedder_info(self) -> EmbedderInfo:
+        return EmbedderInfo.model_validate(self.embedder)
+
+    @property
+    def corpus_entries(self) -> list[CorpusEntry]:
+        return [CorpusEntry.model_validate(c) for c in self.corpora]
 
 
 def manifest_digest(manifest: Manifest) -> str:
@@ -108,17 +141,17 @@ def load_manifest(version: Path) -> Manifest:
 
 def check_embedder(manifest: Manifest, embedder: Embedder, folder: str | Path) -> None:
     """Refuse an embedder that differs from the one the index was built with."""
-    built, got = manifest.embedder, identity(embedder)
-    diffs = [f"{k}: index has {built.get(k)!r}, got {got[k]!r}" for k in got
-             if k != "precision" and built.get(k) != got[k]]
-    if built.get("precision", "fp32") != got["precision"]:
+    built, got = manifest.embedder_info.model_dump(), identity(embedder)
+    diffs = [f"{k}: index has {built[k]!r}, got {got[k]!r}" for k in got
+             if k != "precision" and built[k] != got[k]]
+    if built["precision"] != got["precision"]:
         # compatible (same model, embeddings agree to ~0.998 cosine) but worth knowing
         log.warning("index %s was built at %s precision; queries are encoded at %s",
-                    folder, built.get("precision", "fp32"), got["precision"])
+                    folder, built["precision"], got["precision"])
     if diffs:
         raise IndexMismatchError(
             f"index {folder} was built with a different embedder ({'; '.join(diffs)}). "
-            f"Query it with the embedder its manifest names ({built.get('name')}; rag search and pipelines "
+            f"Query it with the embedder its manifest names ({built['name']}; rag search and pipelines "
             f"load that one by default), or rebuild it: "
             f"rag index build --corpus ... --out {folder} --embedder {got['name']}")
 
@@ -134,10 +167,10 @@ def embedder_for(recipe: IndexRecipe) -> Embedder:
 def embedder_from_manifest(manifest: Manifest, **overrides: Any) -> Embedder:
     """The embedder an index was built with, at its precision (``overrides``: device,
     batch_size, precision...)."""
-    e = manifest.embedder
-    kw = {"normalize": e["normalize"], "query_prompt": e["query_prompt"],
-          "passage_prompt": e["passage_prompt"], "precision": e.get("precision", "fp32"), **overrides}
-    return load_embedder(e["name"], **kw)
+    e = manifest.embedder_info
+    kw = {"normalize": e.normalize, "query_prompt": e.query_prompt, "passage_prompt": e.passage_prompt,
+          "precision": e.precision, **overrides}
+    return load_embedder(e.name, **kw)
 
 
 
@@ -210,9 +243,9 @@ def _check_contents(path: Path, manifest: Manifest) -> list[str]:
                         f"{manifest.passages} and {manifest.deleted}")
     if index.ntotal != live + deleted:
         problems.append(f"{path / INDEX_FILE}: {index.ntotal} vectors for {live + deleted} store rows")
-    if index.dim != manifest.embedder.get("dim"):
+    if index.dim != manifest.embedder_info.dim:
         problems.append(f"{path / INDEX_FILE}: {index.dim}-d vectors, the manifest's embedder "
-                        f"{manifest.embedder.get('dim')}-d")
+                        f"{manifest.embedder_info.dim}-d")
     metric = {0: "ip", 1: "l2"}.get(int(index.cpu_index.metric_type), str(index.cpu_index.metric_type))
     if metric != manifest.metric:
         problems.append(f"{path / INDEX_FILE}: metric {metric}, the manifest says {manifest.metric}")

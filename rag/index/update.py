@@ -35,6 +35,7 @@ from rag.index.folder import (
     INDEX_FILE,
     REPORT_FILE,
     STORE_FILE,
+    CorpusEntry,
     Manifest,
     atomic_write_json,
     check_embedder,
@@ -274,11 +275,11 @@ def add_to_index(folder: str | Path, corpus: str | Path, **kwargs: Any) -> Manif
     return upsert(folder, corpus, mode="add", **kwargs)
 
 
-def _sync_corpora(folder: Path, manifest: Manifest) -> list[tuple[dict[str, Any], str]]:
+def _sync_corpora(folder: Path, manifest: Manifest) -> list[tuple[CorpusEntry, str]]:
     """The manifest's corpora whose bytes changed, each with the path to read it from."""
     out = []
-    for c in manifest.corpora:
-        recorded = c["path"]
+    for c in manifest.corpus_entries:
+        recorded = c.path
         path = resolve_corpus(recorded)
         if recorded != PYDOC_CORPUS and not Path(path).exists():
             raise ConfigError(
@@ -286,23 +287,23 @@ def _sync_corpora(folder: Path, manifest: Manifest) -> list[tuple[dict[str, Any]
                 f"{'recorded relative to the directory the build ran in; ' if recorded != path else ''}"
                 "nothing was changed). Run sync where it resolves, or, if it is gone for good, remove its "
                 f"passages with rag index delete {folder} --source {recorded}")
-        if corpus_fingerprint(path, c.get("format", "auto")) != c.get("fingerprint"):
+        if corpus_fingerprint(path, c.format) != c.fingerprint:
             out.append((c, path))
     return out
 
 
-def _plan_sync(version: Version, manifest: Manifest, folder: Path) -> list[tuple[dict[str, Any], ChangePlan]]:
+def _plan_sync(version: Version, manifest: Manifest, folder: Path) -> list[tuple[CorpusEntry, ChangePlan]]:
     """Per corpus whose bytes changed: its manifest entry and what syncing it would do."""
     plans = []
     with PassageStore(version.path / STORE_FILE, readonly=True) as store:
         for c, path in _sync_corpora(folder, manifest):
             counts = {"added": 0, "changed": 0, "unchanged": 0}
             seen: set[str] = set()
-            records = iter_records(path, c.get("format", "auto"), chunk_size=c.get("chunk_size", 100),
-                                   chunk_stride=c.get("chunk_stride"), skip_bad_lines=True)
+            records = iter_records(path, c.format, chunk_size=c.chunk_size, chunk_stride=c.chunk_stride,
+                                   skip_bad_lines=True)
             for _ in _changed(records, store, seen, counts):
                 pass
-            stored = _source_ids(store, [c["path"]])
+            stored = _source_ids(store, [c.path])
             removed = [i for i in stored if i not in seen]
             plans.append((c, ChangePlan(op="sync", corpus=path, **counts, removed=len(removed),
                                         removed_ids=removed, stored=len(stored))))
@@ -343,10 +344,9 @@ def sync(folder: str | Path, *, progress: bool = True, embedder: Embedder | None
         elif embedder is None:  # once, not once per corpus
             embedder = embedder_from_manifest(manifest)
         for c, _ in plans:
-            manifest = _upsert(w, base, c["path"], format=c.get("format", "auto"), embedder=embedder,
+            manifest = _upsert(w, base, c.path, format=c.format, embedder=embedder,
                                batch_size=256, skip_bad_lines=False, progress=progress,
-                               chunk_size=c.get("chunk_size", 100), chunk_stride=c.get("chunk_stride"),
-                               mode="sync", recorded=c["path"])
+                               chunk_size=c.chunk_size, chunk_stride=c.chunk_stride, mode="sync", recorded=c.path)
             base = w.current or base
     return manifest
 

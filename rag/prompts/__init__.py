@@ -13,11 +13,14 @@ from __future__ import annotations
 
 import re
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from rag.errors import PromptError
 from rag.prompts.sanitize import REFLECTION_TOKENS, neutralize
 from rag.types import ChatMessage, Passage
+
+if TYPE_CHECKING:
+    from rag.generation import Generator
 
 ALPACA_CHAT_SYSTEM_PROMPT = (
     "Below is a series of instructions from a USER that describes a task, paired with an input "
@@ -204,7 +207,7 @@ class HFTemplateFormat(ChatFormat):
 
     name = "hf_template"
 
-    def __init__(self, generator: Any, **kw: Any):
+    def __init__(self, generator: Generator | None, **kw: Any):
         super().__init__(**kw)
         if generator is None or not generator.has_chat_template:
             raise PromptError("this model's tokenizer has no chat template; choose a format: "
@@ -222,7 +225,7 @@ FORMATS: dict[str, Callable[..., ChatFormat]] = {
 }
 
 
-def get_format(name: str, *, generator: Any = None, **kw: Any) -> ChatFormat:
+def get_format(name: str, *, generator: Generator | None = None, **kw: Any) -> ChatFormat:
     """A format by name; ``hf_template`` renders through ``generator`` (a `Generator`)."""
     if name not in FORMATS:
         raise PromptError(f"unknown chat format {name!r}; use one of {', '.join(FORMATS)}")

@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING
 
 from rag.errors import ConfigError
+
+if TYPE_CHECKING:
+    from rag.generation import Generator
 
 RETRIEVAL = ("[No Retrieval]", "[Retrieval]", "[Continue to Use Evidence]")
 RELEVANCE = ("[Relevant]", "[Irrelevant]")
@@ -29,7 +32,7 @@ class ReflectionTokens:
     support: tuple[int, int, int]  # fully, partially, none
 
     @classmethod
-    def from_generator(cls, generator: Any) -> ReflectionTokens:
+    def from_generator(cls, generator: Generator) -> ReflectionTokens:
         """Ids through ``generator.token_id``; raises `ConfigError` naming the missing tokens
         when the model lacks them."""
         strings = RETRIEVAL + RELEVANCE + PARAGRAPH + UTILITY + SUPPORT
