@@ -1,7 +1,8 @@
 """OpenAI-compatible HTTP service over one pipeline (FastAPI), laid out after vLLM's
 ``entrypoints/openai``:
 
-- `rag.server.app`: assembles the app (limits, the guard middleware, errors, routers); `serve`.
+- `rag.server.app`: assembles the app (limits, middleware, errors, routers); `rag.server.run`
+  serves it on uvicorn; `rag.server.middleware`: API key, body size, security headers, metrics.
 - `rag.server.protocol`: request and response models, `ServiceLimits`.
 - `rag.server.admission`: the in-flight bound, per-request timeouts, disconnects, shutdown.
 - `rag.server.errors`: one handler; each error class answers with its own status.
@@ -32,7 +33,8 @@ try:
 except ImportError:  # pragma: no cover - depends on the environment
     raise missing_extra("fastapi and sse-starlette", "serve") from None
 
-from rag.server.app import create_app, serve  # noqa: E402
+from rag.server.app import create_app  # noqa: E402
 from rag.server.protocol import ServiceLimits  # noqa: E402
+from rag.server.run import serve  # noqa: E402
 
 __all__ = ["ServiceLimits", "create_app", "serve"]
