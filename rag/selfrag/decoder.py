@@ -13,6 +13,7 @@ special tokens and decides from token ids.
 from __future__ import annotations
 
 import math
+import re
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
@@ -24,10 +25,13 @@ from rag.generation import Generator
 from rag.prompts import selfrag_paragraph
 from rag.selfrag.critic import Critic, TokenCritic
 from rag.selfrag.scoring import (
+    CONTINUE,
     Critique,
     Weights,
     combine,
     critique_generation,
+    fix_spacing,
+    is_label,
     normalise_closed_answer,
     postprocess,
     sequence_score,
@@ -193,15 +197,17 @@ class SelfRagDecoder:
                           trace=Trace(critic=self.critic.label, raw_completion=g.text))
         scored = [(h, g, c) for h, g, c in cands if h is not None and c is not None]
         scores = [_scores(h.passage, postprocess(g.text), c, h.rank, self.settings.w_ret) for h, g, c in scored]
+        text = None
         if self.settings.closed:
             winner, sums = vote([s.text for s in scores], [s.total for s in scores])
             best = max(scores, key=lambda s: s.total if normalise_closed_answer(s.text) == winner else -math.inf)
             retrieval = retrieval.model_copy(update={"votes": sums})
+            text = winner if is_label(winner) else None  # the voted label, as the metrics read it
         else:
             best = max(scores, key=lambda s: s.total)
         idx = scores.index(best)
         hit = scored[idx][0]
-        return Answer(text=map_answer(self.settings.task, best.text),
+        return Answer(text=map_answer(self.settings.task, text or best.text),
                       citations=[Citation(id=hit.passage.id, title=hit.passage.title,
                                                           score=hit.score)],
                       hits=retrieved, scores=scores, retrieval=retrieval, usage=usage,
@@ -283,10 +289,10 @@ class TreeSearch:
         return await self.search(queries, self.top_k)
 
     def _split(self, g: Generation) -> tuple[str, bool, bool]:
-        """(segment text, wants retrieval, done) from one child generation."""
+        """(segment text, wants retrieval, done) from one child generation: the segment ends at
+        the first retrieval point, a ``[No Retrieval]`` the threshold re-maps to retrieval or the
+        ``[Retrieval]`` that stopped the generation, whichever comes first (spec section 4)."""
         ids = g.token_ids
-        if ids and ids[-1] == self.t.retrieval and g.finish_reason == "stop":
-            return g.text, True, False
         for j, tid in enumerate(ids):
             if tid == self.t.no_retrieval and j < len(g.logprobs):
                 step = g.logprobs[j]
@@ -296,6 +302,8 @@ class TreeSearch:
                 if ratio > self.s.threshold:
                     text = self.critic.generator.decode(ids[:j])
                     return text, True, False
+        if ids and ids[-1] == self.t.retrieval and g.finish_reason == "stop":
+            return g.text, True, False
         return g.text, False, True
 
     async def run(self) -> Answer:
@@ -308,7 +316,8 @@ class TreeSearch:
             update={"stop_token_ids": [self.t.retrieval]})
         if not decision[0]:
             (g,) = await self.d.generator.agenerate([root.prefix + "[No Retrieval]"], self.d.params)
-            return Answer(text=postprocess(g.text), retrieval=retrieval, finish_reason=g.finish_reason,
+            text = postprocess(g.text.split("\n\n")[0])  # the script keeps the first paragraph
+            return Answer(text=text, retrieval=retrieval, finish_reason=g.finish_reason,
                           usage=Usage(prompt_tokens=g.prompt_tokens, completion_tokens=len(g.token_ids)),
                           trace=Trace(critic=self.critic.label, raw_completion=g.text))
         live, leaves = [root], []
@@ -360,16 +369,18 @@ class TreeSearch:
             if node.hit.passage.id not in ids:
                 cited.append(node.hit)
                 ids.append(node.hit.passage.id)
-            text = " ".join(strip_reflection(node.segment).split())
-            if text:
-                parts.append(cite(text, ids.index(node.hit.passage.id) + 1))
+            # [Continue to Use Evidence] ends a cited sentence of the same passage (the reference)
+            for piece in strip_reflection(node.segment, keep_continue=True).split(CONTINUE):
+                text = " ".join(piece.split())
+                if text:
+                    parts.append(cite(text, ids.index(node.hit.passage.id) + 1))
         scores = [_scores(n.passage, " ".join(strip_reflection(n.segment).split()), n.critique)
                   for n in best.path()[1:] if n.critique is not None]
         tree = [TreeNode(id=n.node_id, parent=n.parent.node_id if n.parent else None, depth=n.depth,
                          passage_id=n.passage.id if n.passage else None, segment=n.segment,
                          score=self._path_score(n.segment_scores) if n.segment_scores else None,
                          done=n.done) for n in self.nodes]
-        return Answer(text=" ".join(parts),
+        return Answer(text=fix_spacing(" ".join(parts)),
                       citations=[Citation(id=h.passage.id, title=h.passage.title, score=h.score) for h in cited],
                       hits=cited, scores=scores, retrieval=retrieval,
                       usage=Usage(prompt_tokens=self.usage[0], completion_tokens=self.usage[1]),
@@ -383,6 +394,15 @@ def cite(segment: str, number: int) -> str:
     into sentences and credits a citation to the sentence it stands in."""
     end = len(segment.rstrip(".!?"))
     return f"{segment[:end]} [{number}]{segment[end:]}"
+
+
+_CITATION = re.compile(r" \[\d+\]")
+
+
+def uncite(text: str) -> str:
+    """The output without its ``[i]`` citation markers ("Paris is in France [1]." -> "Paris is
+    in France."): what FActScore scores."""
+    return _CITATION.sub("", text)
 
 
 def to_alce(question: str, answer: Answer, extra: dict[str, Any] | None = None) -> dict[str, Any]:

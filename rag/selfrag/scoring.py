@@ -132,6 +132,17 @@ def strip_reflection(text: str, *, keep_continue: bool = False) -> str:
     return _REFLECTION_RE.sub(repl, text)
 
 
+CONTINUE = "[Continue to Use Evidence]"
+_NO_SPACE_AFTER_STOP = re.compile(r"(?<=\w)([.!?])(?=\w)")
+
+
+def fix_spacing(text: str) -> str:
+    """A space after a full stop, question or exclamation mark written between two word
+    characters ("1900.Alpha" -> "1900. Alpha"), as the reference's ``utils.fix_spacing`` does
+    to long-form output, so ALCE's sentence splitter sees two sentences."""
+    return _NO_SPACE_AFTER_STOP.sub(r"\1 ", text)
+
+
 def postprocess(text: str) -> str:
     """Short-form answer: no control tokens, no newlines, trimmed."""
     return " ".join(strip_reflection(text).split())
@@ -164,6 +175,11 @@ def normalise_closed_answer(text: str, choices: Sequence[tuple[str, str]] | None
     if low and low[0] in _VERDICTS:
         return _VERDICTS[low[0]]
     return " ".join(low)
+
+
+def is_label(key: str) -> bool:
+    """A normalised closed answer that is a label (an option letter, ``true`` or ``false``)."""
+    return key in _VERDICTS.values() or (len(key) == 1 and key in "ABCDE")
 
 
 def vote(answers: Sequence[str], totals: Sequence[float]) -> tuple[str, dict[str, float]]:
