@@ -190,6 +190,9 @@ class SelfRagSettings(_Config):
     w_ret: float = Field(0.0, ge=0.0, description="weight of the retrieval prior 1/rank in a candidate's "
                          "score (0: the paper's formula; rag tune critic calibrates it)")
     use_seq: bool = Field(True, description="add exp(mean token logprob) to the score")
+    choice_layout: Literal["as_given", "reference"] = Field(
+        "as_given", description="multiple choice in the prompt: every option as given, or the reference "
+        "script's layout (labels A-D only: an empty 'D: ' line for 3 options, a fifth option dropped)")
     relevance: Literal["likelihood", "question"] = Field(
         "likelihood", description="prompted critic's IsRel: likelihood (of the question given the passage, "
         "normalised over the question's passages) or question (a Yes/No question)")
@@ -265,7 +268,7 @@ class SelfRagPipelineConfig(_Generating):
         selfrag = data.get("selfrag") if isinstance(data, dict) else None
         task = selfrag.get("task") if isinstance(selfrag, dict) else getattr(selfrag, "task", None)
         if isinstance(task, str) and task in TASKS:
-            return apply_preset(data, task, override=False)
+            return apply_preset(data, task)
         return data
 
 
@@ -326,8 +329,9 @@ def update_pipeline_file(path: str | Path, section: str, values: dict[str, Any],
 
 
 def load_pipeline_config(path: str | Path, *, task: str | None = None) -> PipelineConfig:
-    """Read a pipeline YAML; errors name the file and the field. ``task`` applies a Self-RAG
-    task preset over the file's own settings (``rag eval --task``)."""
+    """Read a pipeline YAML; errors name the file and the field. ``task`` (``rag eval --task``)
+    sets the Self-RAG task and fills in its preset wherever the file sets nothing: a value the
+    file sets explicitly wins (a compat recipe keeps its own depth under ``--task asqa``)."""
     data = load_yaml(path)
     if task is not None:
         from rag.selfrag.tasks import GENERIC, TASKS, apply_preset
@@ -337,5 +341,5 @@ def load_pipeline_config(path: str | Path, *, task: str | None = None) -> Pipeli
                               f"(this one is kind: {data.get('kind', 'chat')})")
         if task not in TASKS and task not in GENERIC:
             raise ConfigError(f"unknown task {task!r}; use one of {', '.join([*GENERIC, *TASKS])}")
-        data = apply_preset(data, task, override=True)
+        data = apply_preset(data, task)
     return pipeline_config(path, **data)

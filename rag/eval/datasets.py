@@ -18,7 +18,7 @@ from rag.corpus import json_lines, squad_passage_id
 from rag.errors import CorpusError
 from rag.types import Passage
 
-FORMATS = ("auto", "selfrag", "flashrag", "squad", "nq", "beir", "arc", "alce", "tsv")
+FORMATS = ("auto", "selfrag", "flashrag", "squad", "nq", "beir", "arc", "alce", "factscore", "tsv")
 #: ARC's numeric labels (a few AI2 questions use 1-4) as the letters the prompts use
 ARC_LABELS = {"1": "A", "2": "B", "3": "C", "4": "D", "5": "E"}
 
@@ -48,11 +48,17 @@ class EvalItem(BaseModel):
     def closed(self) -> bool:
         return self.choices is not None
 
-    def prompt_text(self) -> str:
-        """The question as a pipeline sees it (choices listed for multiple choice)."""
+    def prompt_text(self, layout: str = "as_given") -> str:
+        """The question as a pipeline sees it, choices listed for multiple choice: as given, or in
+        the ``reference`` layout of ``run_short_form.py`` (labels A-D only, so a question with
+        three options gets an empty ``D:`` line and a fifth option is left out)."""
         if not self.choices:
             return self.question
-        return self.question + "".join(f"\n{label}: {text}" for label, text in self.choices)
+        choices = self.choices
+        if layout == "reference":
+            given = dict(choices)
+            choices = [(label, given.get(label, "")) for label in "ABCD"]
+        return self.question + "".join(f"\n{label}: {text}" for label, text in choices)
 
 
 def detect_format(path: str | Path) -> str:
@@ -79,6 +85,8 @@ def detect_format(path: str | Path) -> str:
         return "flashrag"
     if "answerKey" in keys and "choices" in keys:
         return "arc"
+    if {"input", "topic"} <= keys:
+        return "factscore"
     if "answers" in keys:
         return "selfrag"
     if "answer" in keys:
@@ -176,6 +184,15 @@ def _flashrag(path: Path) -> Iterator[EvalItem]:
                        ctxs=_ctxs(o, path, lineno))
 
 
+def _factscore(path: Path) -> Iterator[EvalItem]:
+    """FActScore's input JSONL (``input``, ``topic``, ``output``; Self-RAG's bio set adds
+    ``ctxs``): the ``input`` is the question, ``topic`` is kept for factscorer.py."""
+    for lineno, o in _jsonl(path):
+        _need(o, "topic", path, lineno, str)
+        yield EvalItem(id=str(o.get("id", lineno)), question=_need(o, "input", path, lineno, str),
+                       ctxs=_ctxs(o, path, lineno), extra=_extra(o))
+
+
 def _nq(path: Path) -> Iterator[EvalItem]:
     for lineno, o in _jsonl(path):
         yield EvalItem(id=str(o.get("id", lineno)), question=_need(o, "question", path, lineno, str),
@@ -252,7 +269,7 @@ def _tsv(path: Path) -> Iterator[EvalItem]:
 
 
 _LOADERS = {"selfrag": _selfrag, "flashrag": _flashrag, "squad": _squad, "nq": _nq, "beir": _beir,
-            "arc": _arc, "alce": _alce, "tsv": _tsv}
+            "arc": _arc, "alce": _alce, "factscore": _factscore, "tsv": _tsv}
 
 
 def load_dataset(path: str | Path, format: str = "auto", *, limit: int | None = None,

@@ -53,12 +53,14 @@ def score_item(item: EvalItem, answer: Answer, *, answer_metrics: bool = True,
     m: dict[str, float] = {}
     if answer_metrics and item.answers:
         pred = answer.text
-        if item.closed:
+        if item.closed and item.answer_key is not None:  # multiple choice, as run_short_form.py scores it
             from rag.selfrag.scoring import normalise_closed_answer
 
             m["accuracy"] = float(normalise_closed_answer(pred, item.choices) == item.answer_key)
-        m.update(em=exact_match(pred, item.answers), f1=f1(pred, item.answers),
-                 match=match(pred, item.answers), match_norm=match_normalized(pred, item.answers))
+            m["match"] = match(pred, [item.answer_key])  # the key alone; never a normalised one-letter match
+        else:
+            m.update(em=exact_match(pred, item.answers), f1=f1(pred, item.answers),
+                     match=match(pred, item.answers), match_norm=match_normalized(pred, item.answers))
     if item.gold_ids and answer.hits:
         run = {item.id: [(h.passage.id, h.score) for h in answer.hits]}
         m.update(per_query({item.id: item.judgments}, run, MEASURES,
@@ -144,7 +146,9 @@ def run_pipeline(name: str, pipeline: Pipeline, items: Sequence[EvalItem], out: 
         from rag.eval.judge import make_judge
 
         judging = make_judge(pipeline)
-    long_form = isinstance(pipeline.config, SelfRagPipelineConfig) and pipeline.config.selfrag.decoding == "long"
+    selfrag = pipeline.config.selfrag if isinstance(pipeline.config, SelfRagPipelineConfig) else None
+    long_form = selfrag is not None and selfrag.decoding == "long"
+    layout = selfrag.choice_layout if selfrag is not None else "as_given"
     if use_ctxs and not all(it.ctxs for it in todo):
         raise ConfigError("--use-ctxs: some questions carry no 'ctxs' passages")
     bar = tqdm(total=len(items), initial=len(items) - len(todo), desc=name, unit="q",
@@ -157,7 +161,7 @@ def run_pipeline(name: str, pipeline: Pipeline, items: Sequence[EvalItem], out: 
                 hits = [[Hit(passage=p, score=0.0, rank=i + 1) for i, p in enumerate(it.ctxs or [])]
                         for it in batch]
             t0 = time.perf_counter()
-            answers = pipeline.answer_batch([[ChatMessage(role="user", content=it.prompt_text())]
+            answers = pipeline.answer_batch([[ChatMessage(role="user", content=it.prompt_text(layout))]
                                              for it in batch], hits=hits)
             per = (time.perf_counter() - t0) / len(batch)
             verdicts, checks = _judge(judging, batch, answers) if judging else ([{}] * len(batch), {})
@@ -170,11 +174,24 @@ def run_pipeline(name: str, pipeline: Pipeline, items: Sequence[EvalItem], out: 
             bar.update(len(batch))
     bar.close()
     records = [done[it.id] for it in items if it.id in done]
-    if long_form:  # what ALCE's eval.py (and FactScore, from topic + output) reads
+    _write_for_scorers(out, name, records, selfrag.task if long_form and selfrag is not None else None)
+    return records
+
+
+def _write_for_scorers(out: Path, name: str, records: Sequence[EvalRecord], long_task: str | None) -> None:
+    """The files other scorers read: ``alce.json`` for ALCE's eval.py (long form),
+    ``factscore.jsonl`` for FActScore's factscorer.py (``--task factscore``: one JSON object per
+    line, ``topic`` and ``output`` without citation markers), ``run.trec`` for trec_eval."""
+    if long_task is not None:
         _write_json(out / "alce.json", {"data": [r.alce for r in records]})
+    if long_task == "factscore":
+        from rag.selfrag.decoder import uncite
+
+        lines = [{"topic": (r.alce or {}).get("topic", r.question), "output": uncite(r.prediction)}
+                 for r in records]
+        _write_text(out / "factscore.jsonl", "".join(json.dumps(x, ensure_ascii=False) + "\n" for x in lines))
     if any(r.hits for r in records):  # for trec_eval, ranx, pyserini
         write_run(out / "run.trec", run_from_records(records), tag=name)
-    return records
 
 
 def _judge(judge: AnswerJudge, batch: Sequence[EvalItem], answers: Sequence[Answer]
@@ -194,10 +211,14 @@ def _judge(judge: AnswerJudge, batch: Sequence[EvalItem], answers: Sequence[Answ
     return verdicts, {it.id: c for (it, _), c in zip(gold, checks, strict=True)}
 
 
-def _write_json(path: Path, obj: Any) -> None:
+def _write_text(path: Path, text: str) -> None:
     tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    tmp.write_text(text, encoding="utf-8")
     os.replace(tmp, path)
+
+
+def _write_json(path: Path, obj: Any) -> None:
+    _write_text(path, json.dumps(obj, indent=2, ensure_ascii=False) + "\n")
 
 
 def _judge_summary(records: Sequence[EvalRecord]) -> dict[str, Any]:

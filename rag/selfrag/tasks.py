@@ -5,7 +5,7 @@
 retrieval mode, passages per question, generation length, decoding and the metric the paper
 reported, as the reference scripts ran them (``run_short_form.py`` / ``run_long_form_static.py``
 with the flags of the repository's README). Any field the pipeline file sets itself wins over
-the preset; ``--task`` on the command line applies the preset over the file.
+the preset, also when ``--task`` names the task on the command line.
 
 ``open`` and ``closed`` are the two generic tasks: no instruction, answers taken as generated
 (``open``) or voted over equal normalised answers (``closed``).
@@ -58,9 +58,9 @@ def map_answer(task: str, text: str) -> str:
     return text
 
 
-def apply_preset(data: dict[str, Any], task: str, *, override: bool) -> dict[str, Any]:
-    """A copy of pipeline config ``data`` with ``task``'s preset filled in: fields the data
-    already sets win unless ``override`` (``--task`` on the command line)."""
+def apply_preset(data: dict[str, Any], task: str) -> dict[str, Any]:
+    """A copy of pipeline config ``data`` for ``task``, its preset filled in where the data sets
+    nothing (a field the data sets wins)."""
     def plain(v: Any) -> Any:  # a section given as a model object (Python API) -> its set fields
         if hasattr(v, "model_dump"):
             return v.model_dump(exclude_unset=True)
@@ -74,6 +74,5 @@ def apply_preset(data: dict[str, Any], task: str, *, override: bool) -> dict[str
             continue  # evaluation settings (metric)
         section, field = path.split(".")
         block = out.setdefault(section, {})
-        if override or field not in block:
-            block[field] = value
+        block.setdefault(field, value)
     return out
