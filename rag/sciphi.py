@@ -43,11 +43,13 @@ def _options(config: Any) -> dict[str, Any]:
 def generation_params(config: Any, base: GenerationParams) -> GenerationParams:
     """`GenerationParams` from a sciphi ``GenerationConfig`` (object or dict) over ``base``.
 
-    Raises `ConfigError` for a stop token other than ``<paragraph>`` (as the card does), and for
-    options the generators cannot honour: streaming (use `Pipeline.astream`), beam search,
-    function calling, top-k sampling."""
+    The dataclass's own defaults are accepted as they are (``top_k=100`` samples from the 100
+    likeliest tokens; ``stop_token=None`` is ``<paragraph>``; an empty ``add_generation_kwargs``
+    passes nothing). Raises `ConfigError` for a stop token other than ``<paragraph>`` (as the
+    card does), and for options the generators cannot honour: streaming (use
+    `Pipeline.astream`), beam search, function calling, backend-specific extra kwargs."""
     opts = _options(config)
-    stop = opts.pop("stop_token", "<paragraph>")
+    stop = opts.pop("stop_token", None) or "<paragraph>"
     if stop != "<paragraph>":
         raise ConfigError(f"generation_config.stop_token is {stop!r}; the SciPhi flow only accepts "
                           "'<paragraph>' (the model stops when it asks for more evidence)")
@@ -65,9 +67,12 @@ def generation_params(config: Any, base: GenerationParams) -> GenerationParams:
     if sample is False:
         update["temperature"] = 0.0
     top_k = opts.pop("top_k", None)
-    if top_k not in (None, 0, -1) and update.get("temperature", base.temperature) > 0:
-        raise ConfigError(f"generation_config.top_k={top_k}: top-k sampling is not available; use top_p "
-                          "(or temperature 0)")
+    if top_k is not None:
+        update["top_k"] = max(int(top_k), 0)  # sciphi's -1 and 0: no top-k cut
+    extra = opts.pop("add_generation_kwargs", None)
+    if extra:
+        raise ConfigError(f"generation_config.add_generation_kwargs {sorted(extra)}: backend-specific "
+                          "generation arguments are not passed on; set the named fields instead")
     if "top_p" in opts:
         update["top_p"] = float(opts.pop("top_p"))
     if "max_tokens_to_sample" in opts:

@@ -54,6 +54,7 @@ class GenerationParams(_Frozen):
     min_new_tokens: int = Field(0, ge=0, le=32768, description="tokens to generate before EOS may end it")
     temperature: float = Field(0.0, ge=0.0, le=5.0, description="0 = greedy")
     top_p: float = Field(1.0, gt=0.0, le=1.0)
+    top_k: int = Field(0, ge=0, description="sample from the k likeliest tokens (0: no top-k cut)")
     seed: int | None = None
     stop: list[str] = Field(default_factory=list, description="stop strings (not in the text)")
     stop_token_ids: list[int] = Field(default_factory=list, description="extra stop tokens")

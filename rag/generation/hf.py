@@ -250,7 +250,7 @@ class TransformersGenerator(TokenizerOps):
                               "eos_token_id": self._eos_ids(params),
                               "pad_token_id": self._tokenizer.pad_token_id}
         if params.temperature > 0:
-            kw.update(do_sample=True, temperature=params.temperature, top_p=params.top_p, top_k=0)
+            kw.update(do_sample=True, temperature=params.temperature, top_p=params.top_p, top_k=params.top_k)
         else:
             kw.update(do_sample=False, temperature=None, top_p=None, top_k=None)
         if params.stop:

@@ -162,10 +162,15 @@ class OpenAIGenerator(TokenizerOps):
                      "return_tokens_as_token_ids": True, "return_token_ids": True}
             if params.min_new_tokens:
                 extra["min_tokens"] = params.min_new_tokens
+            if params.top_k:
+                extra["top_k"] = params.top_k
             if params.stop_token_ids:
                 extra["stop_token_ids"] = params.stop_token_ids
             if params.prompt_logprobs and not stream:
                 extra["prompt_logprobs"] = 0
+        elif params.top_k and params.temperature > 0:
+            raise GenerationError(f"the generator server {self.base_url} refuses vLLM's request fields, so it "
+                                  f"cannot sample with top_k={params.top_k}; use top_p (or temperature 0)")
         if stream:
             body["stream_options"] = {"include_usage": True}
         elif params.logprob_token_ids and extensions and self.exact_token_logprobs is not False:

@@ -81,7 +81,8 @@ def sampling_params(params: GenerationParams, *, stream: bool = False, **extra: 
     return SamplingParams(**extra,
         n=1, max_tokens=params.max_new_tokens, min_tokens=params.min_new_tokens,
         temperature=params.temperature,
-        top_p=params.top_p, seed=params.seed, stop=params.stop or None,
+        top_p=params.top_p, top_k=params.top_k or -1,  # -1: no top-k cut in every vLLM version
+        seed=params.seed, stop=params.stop or None,
         stop_token_ids=params.stop_token_ids or None,
         # 0 = the sampled token's logprob only; with logprob_token_ids set vLLM returns those
         # (plus the sampled token) instead of top-k

@@ -61,6 +61,7 @@ class SamplingRequest(BaseModel):
     max_tokens: int | None = Field(None, ge=1)
     temperature: float | None = Field(None, ge=0, le=2)
     top_p: float | None = Field(None, gt=0, le=1)
+    top_k: int | None = Field(None, ge=-1, description="vLLM's extension: sample from the k likeliest (0, -1: all)")
     n: int = 1
     stream: bool = False
     stop: str | list[str] | None = None

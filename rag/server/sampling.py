@@ -17,7 +17,7 @@ def generation_params(req: SamplingRequest, base: GenerationParams, limits: Serv
                              f"{limits.max_tokens}", param="max_tokens")
     stops = [req.stop] if isinstance(req.stop, str) else list(req.stop or [])
     given = {"max_new_tokens": max_tokens, "temperature": req.temperature, "top_p": req.top_p,
-             "seed": req.seed}
+             "top_k": max(req.top_k, 0) if req.top_k is not None else None, "seed": req.seed}
     update: dict[str, object] = {k: v for k, v in given.items() if v is not None}
     update["stop"] = list(dict.fromkeys(base.stop + stops))
     if req.min_tokens is not None:
