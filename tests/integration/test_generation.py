@@ -52,6 +52,20 @@ def test_smollm_same_greedy_text_on_both_backends(hf_smollm: Any, vllm_smollm: A
         assert x.text == y.text
 
 
+@pytest.mark.parametrize("backend", ["hf_smollm", "vllm_smollm"])
+def test_top_k_reaches_the_model(backend: str, request: pytest.FixtureRequest) -> None:
+    """Sampling hot from the one likeliest token is greedy decoding; without the cut it is not."""
+    gen = request.getfixturevalue(backend)
+    prompt = gen.render_chat([{"role": "user", "content": "Write one sentence about the sea."}])
+    (greedy,) = gen.generate([prompt], GenerationParams(max_new_tokens=24))
+    def texts(top_k: int) -> set[str]:
+        return {gen.generate([prompt], GenerationParams(max_new_tokens=24, temperature=2.0, seed=s,
+                                                        top_k=top_k))[0].text for s in range(3)}
+
+    assert texts(1) == {greedy.text}
+    assert texts(0) != {greedy.text}
+
+
 def test_stop_strings_and_lengths(hf_smollm: Any, vllm_smollm: Any) -> None:
     prompt = _injected_prompt(hf_smollm)
     for gen in (hf_smollm, vllm_smollm):

@@ -111,3 +111,16 @@ def test_tune_write_back_keeps_comments_and_replaces_its_own_note(tmp_path: Path
     with pytest.raises(ConfigError, match="field 'retrieval.mode'"):
         update_pipeline_file(p, "retrieval", {"mode": "psychic"}, "# rag tune fusion x")
     assert load_yaml(p)["retrieval"]["mode"] == "hybrid"  # a refused change writes nothing
+
+
+def test_sampling_fields_reach_the_generation_params() -> None:
+    from rag.server.protocol import CompletionRequest
+    from rag.server.sampling import generation_params
+    from rag.types import GenerationParams
+
+    req = CompletionRequest(model="m", prompt="x", max_tokens=9, temperature=0.7, top_p=0.9, top_k=40, seed=3,
+                            stop="END", min_tokens=2)
+    p = generation_params(req, GenerationParams(stop=["<paragraph>"]), ServiceLimits())
+    assert (p.max_new_tokens, p.temperature, p.top_p, p.top_k, p.seed, p.min_new_tokens) == (9, 0.7, 0.9, 40, 3, 2)
+    assert p.stop == ["<paragraph>", "END"]
+    assert generation_params(req.model_copy(update={"top_k": -1}), GenerationParams(), ServiceLimits()).top_k == 0

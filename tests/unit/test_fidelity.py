@@ -83,7 +83,7 @@ def test_arc_loader_maps_numeric_labels_and_accuracy_reads_the_choice(tmp_path: 
 # --- presets ----------------------------------------------------------------------------------
 
 
-def test_task_preset_fills_what_the_file_leaves_out_and_the_cli_task_overrides(tmp_path: Path) -> None:
+def test_task_preset_fills_what_the_file_leaves_out_also_from_the_command_line(tmp_path: Path) -> None:
     c = pipeline_config(name="p", kind="selfrag", selfrag={"task": "popqa"})
     s = c.selfrag
     assert (c.retrieval.top_k, c.generation.max_new_tokens, s.mode, s.threshold) == (10, 100, "adaptive", 0.2)
@@ -96,7 +96,8 @@ def test_task_preset_fills_what_the_file_leaves_out_and_the_cli_task_overrides(t
     f = tmp_path / "p.yaml"
     f.write_text("name: p\nkind: selfrag\nretrieval: {top_k: 3}\nselfrag: {critic: prompted}\n")
     c = load_pipeline_config(f, task="arc_challenge")
-    assert c.selfrag.task == "arc_challenge" and c.retrieval.top_k == 5 and c.selfrag.closed
+    assert c.selfrag.task == "arc_challenge" and c.retrieval.top_k == 3 and c.selfrag.closed  # the file's
+    assert c.generation.max_new_tokens == 50  # the preset's
     assert c.selfrag.critic == "prompted"
     f.write_text("name: p\n")
     with pytest.raises(ConfigError, match="--task arc_challenge needs a kind: selfrag pipeline"):
@@ -190,7 +191,8 @@ def test_get_chat_completion_takes_the_cards_call_shape() -> None:
     p = generation_params({"max_tokens_to_sample": 7, "do_sample": False}, pipe.config.generation)
     assert (p.max_new_tokens, p.temperature, p.stop) == (7, 0.0, ["<paragraph>"])
     for bad, match in [({"stop_token": "</s>"}, "only accepts '<paragraph>'"), ({"do_stream": True}, "astream"),
-                       ({"num_beams": 4}, "beam search"), ({"top_k": 40, "temperature": 0.7}, "top-k"),
+                       ({"num_beams": 4}, "beam search"),
+                       ({"add_generation_kwargs": {"x": 1}}, "add_generation_kwargs"),
                        ({"max_tokens_to_sample": 0}, "max_new_tokens"), ({"colour": 1}, "colour")]:
         with pytest.raises(ConfigError, match=match):
             llm.get_chat_completion([{"role": "user", "content": "x"}], bad)
