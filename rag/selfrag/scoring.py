@@ -133,13 +133,14 @@ def strip_reflection(text: str, *, keep_continue: bool = False) -> str:
 
 
 CONTINUE = "[Continue to Use Evidence]"
-_NO_SPACE_AFTER_STOP = re.compile(r"(?<=\w)([.!?])(?=\w)")
+_NO_SPACE_AFTER_STOP = re.compile(r"(?<=\w)([.!?])(?=[^\W\d])")
 
 
 def fix_spacing(text: str) -> str:
-    """A space after a full stop, question or exclamation mark written between two word
-    characters ("1900.Alpha" -> "1900. Alpha"), as the reference's ``utils.fix_spacing`` does
-    to long-form output, so ALCE's sentence splitter sees two sentences."""
+    """A space after a full stop, question or exclamation mark written between a word character
+    and a letter ("1900.Alpha" -> "1900. Alpha"), as the reference's ``utils.fix_spacing`` does
+    to long-form output, so ALCE's sentence splitter sees two sentences; unlike it, never inside
+    a number ("3.5" stays)."""
     return _NO_SPACE_AFTER_STOP.sub(r"\1 ", text)
 
 

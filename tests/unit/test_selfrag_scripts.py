@@ -86,6 +86,7 @@ def test_continue_to_use_evidence_is_a_citation_point_and_spacing_is_fixed() -> 
     assert out == "Alpha was born in 1900 [1]. Alpha died in 1950 [1]."  # two cited sentences
     assert one_segment_answer(["[Relevant]", "Alpha was born in 1900.Alpha died in 1950."]) == \
         "Alpha was born in 1900. Alpha died in 1950 [1]."  # utils.fix_spacing
+    assert one_segment_answer(["[Relevant]", "Alpha grew 3.5 cm."]) == "Alpha grew 3.5 cm [1]."  # not in numbers
 
 
 def test_long_form_without_retrieval_keeps_the_text_before_the_first_blank_line() -> None:
