@@ -3,6 +3,7 @@ your own Markdown/text files to an index, a search, an answer, a chat, a server 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -25,6 +26,16 @@ def quickstart_lines() -> list[str]:
     return [line for line in block.group(1).splitlines() if line.strip()]
 
 
+def _left_over(folder: Path) -> list[psutil.Process]:
+    """Processes still running a command of this quick start (they would be orphans by now)."""
+    found = []
+    for p in psutil.process_iter(["cmdline"]):
+        with contextlib.suppress(psutil.Error):
+            if "notes-index" in " ".join(p.info["cmdline"] or []) and p.cwd() == str(folder.resolve()):
+                found.append(p)
+    return found
+
+
 def test_readme_quick_start_runs_from_an_empty_folder(tmp_path: Path) -> None:
     lines = quickstart_lines()
     assert lines[0].startswith("source ") and lines[0].endswith("/.venv/bin/activate")
@@ -33,8 +44,14 @@ def test_readme_quick_start_runs_from_an_empty_folder(tmp_path: Path) -> None:
     for line in lines[1:]:
         script += [f"echo {shlex.quote(MARK + line)}", line]
     env = {k: v for k, v in os.environ.items() if k != "VIRTUAL_ENV"}
-    r = subprocess.run(["bash", "-c", "\n".join(script)], cwd=tmp_path, capture_output=True, text=True,
-                       timeout=900, env=env)
+    try:
+        r = subprocess.run(["bash", "-c", "\n".join(script)], cwd=tmp_path, capture_output=True, text=True,
+                           timeout=900, env=env)
+    finally:
+        left = _left_over(tmp_path)
+        for p in left:
+            p.kill()
+    assert not left, f"still running after the quick start: {[p.info['cmdline'] for p in left]}"
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     out = {}
     for part in r.stdout.split(MARK)[1:]:
@@ -48,4 +65,3 @@ def test_readme_quick_start_runs_from_an_empty_folder(tmp_path: Path) -> None:
     reply = json.loads(out["curl"].strip().splitlines()[-1])
     assert reply["object"] == "chat.completion" and reply["choices"][0]["message"]["content"]
     assert (tmp_path / "notes-eval" / "report.md").is_file() and "default" in out["eval"]
-    assert not [p for p in psutil.Process().children(recursive=True) if p.is_running()]  # the server is gone
