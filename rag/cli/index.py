@@ -15,6 +15,17 @@ app = typer.Typer(no_args_is_help=True, help="Build and inspect indexes.")
 Opt = typer.Option
 
 
+Precision = Annotated[str | None, Opt(help="encoder precision: auto|fp32|bf16|fp16|int8 (int8 needs the int8 extra)")]
+Prompts = Annotated[str | None, Opt(
+    help="encoder prompts: model (declared by the encoder; default), none, e5, bge, gte-instruct, instructor")]
+RayAddress = Annotated[str | None, Opt(
+    help="with --ray: 'auto' joins the cluster of 'ray start' on this machine, HOST:PORT joins that one "
+         "(default: start a local cluster for this build)")]
+RayActors = Annotated[int | None, Opt(
+    min=1, help="embedder actors (default: one per GPU or per --ray-cpus-per-actor CPUs)")]
+RayWindow = Annotated[int | None, Opt(min=1, help="passages per Ray task and checkpoint (default: --batch-size)")]
+
+
 @app.command("build")
 def build(
     recipe: Annotated[Path | None, typer.Argument(help="index recipe YAML (indexes/*.yaml)")] = None,
@@ -27,21 +38,14 @@ def build(
     batch_size: Annotated[int | None, Opt(help="passages per encode/checkpoint step")] = None,
     skip_bad_lines: Annotated[bool | None, Opt(help="record malformed lines instead of failing")] = None,
     device: Annotated[str | None, Opt(help="auto|cpu|gpu")] = None,
-    precision: Annotated[str | None, Opt(
-        help="encoder precision: auto|fp32|bf16|fp16|int8 (int8 needs the int8 extra)")] = None,
-    prompts: Annotated[str | None, Opt(
-        help="encoder prompts: model (declared by the encoder; default), none, e5, bge, gte-instruct, "
-             "instructor")] = None,
+    precision: Precision = None,
+    prompts: Prompts = None,
     force: Annotated[bool, Opt(help="rebuild even if up to date")] = False,
     ray: Annotated[bool, Opt("--ray", help="encode on a Ray cluster (needs the ray extra)")] = False,
-    ray_address: Annotated[str | None, Opt(
-        help="with --ray: 'auto' joins the cluster of 'ray start' on this machine, HOST:PORT joins that "
-             "one (default: start a local cluster for this build)")] = None,
-    ray_actors: Annotated[int | None, Opt(min=1, help="embedder actors (default: one per GPU or per "
-                                                         "--ray-cpus-per-actor CPUs)")] = None,
+    ray_address: RayAddress = None,
+    ray_actors: RayActors = None,
     ray_cpus_per_actor: Annotated[int, Opt(min=1, help="CPU threads per actor on CPU clusters")] = 1,
-    ray_window: Annotated[int | None, Opt(min=1, help="passages per Ray task and checkpoint "
-                                                         "(default: --batch-size)")] = None,
+    ray_window: RayWindow = None,
     quiet: Quiet = False,
     wait: Wait = 0.0,
 ) -> None:

@@ -32,7 +32,7 @@ from rag.eval.metrics import (
     match_normalized,
     normalize_answer,
 )
-from rag.eval.records import EvalRecord, append_predictions, read_predictions
+from rag.eval.records import PREDICTIONS, EvalRecord, append_predictions, read_predictions
 from rag.eval.retrieval import MEASURES, per_query, run_from_records, write_run
 from rag.generation import Generator
 from rag.pipeline import Pipeline
@@ -134,7 +134,7 @@ def run_pipeline(name: str, pipeline: Pipeline, items: Sequence[EvalItem], out: 
     from tqdm.auto import tqdm
 
     out.mkdir(parents=True, exist_ok=True)
-    pred_file = out / "predictions.jsonl"
+    pred_file = out / PREDICTIONS
     if not resume and pred_file.exists():
         pred_file.unlink()
     done = {r.id: r for r in read_predictions(pred_file, repair=True)} if resume else {}

@@ -13,6 +13,7 @@ from rag.pipeline import Pipeline
 from rag.server.admission import Admission
 from rag.server.metrics import Metrics
 from rag.server.protocol import ServiceLimits
+from rag.types import GenerationParams
 
 
 @dataclass
@@ -25,9 +26,11 @@ class ServerState:
     metrics: Metrics = field(default_factory=Metrics)
     created: int = field(default_factory=lambda: int(time.time()))
     admission: Admission = field(init=False)
+    generation: GenerationParams | None = field(init=False)  # the pipeline's defaults; None: no generator
 
     def __post_init__(self) -> None:
         self.admission = Admission(self.limits.max_inflight, self.limits.timeout_s, self.metrics)
+        self.generation = self.pipeline.info().generation
 
 
 def _state(request: Request) -> ServerState:

@@ -38,8 +38,8 @@ def _usage(answer: Answer) -> UsageOut:
 @router.post("/v1/chat/completions", response_model=None)
 async def chat_completions(req: ChatRequest, request: Request, state: State) -> Response:
     messages = chat_messages(req, state.limits)
-    info = state.pipeline.info()
-    params = generation_params(req, info.generation, state.limits) if info.generation is not None else None
+    base = state.generation
+    params = generation_params(req, base, state.limits) if base is not None else None
     opts = req.rag or RagOptions()
     check_top_k(opts.top_k, state.limits, "rag.top_k")
     state.pipeline.validate(messages)  # role/order errors become 400 before admission
