@@ -147,7 +147,8 @@ class GeneratorConfig(_Config):
     model: str = Field("smollm2-135m-instruct", description="openai: the name the server serves")
     dtype: str = "auto"
     batch_size: int = Field(16, ge=1, description="hf: prompts per forward pass")
-    max_model_len: int | None = Field(4096, ge=64, description="vllm: context cap")
+    max_model_len: int | None = Field(4096, ge=64, description="context cap in tokens (prompt + new "
+                                      "tokens): vllm sizes its KV cache by it; vllm and hf refuse longer requests")
     gpu_memory_utilization: float = Field(0.85, gt=0, le=1)
     base_url: str | None = Field(None, description="openai: the server's API root, http://host:port/v1")
     api_key_env: str | None = Field(None, description="openai: environment variable holding the key")

@@ -417,6 +417,15 @@ class FollowingRetriever:
             self._retired.clear()
 
 
+def query_embedder(retriever: Retriever) -> Embedder | None:
+    """The encoder a retriever's dense search embeds queries with (None: it has no dense part)."""
+    if isinstance(retriever, FollowingRetriever):
+        return retriever.embedder
+    if isinstance(retriever, HybridRetriever):
+        retriever = retriever.dense
+    return retriever.embedder if isinstance(retriever, DenseRetriever) else None
+
+
 def sibling_retriever(retriever: Retriever, mode: Mode, *, device: str = "auto",
                       fusion: dict[str, Any] | None = None) -> Retriever:
     """A retriever of another mode over the same index folder, reusing the parts ``retriever``

@@ -64,6 +64,11 @@ class GenerationParams(_Frozen):
     top_logprobs: int = Field(0, ge=0, le=20, description="also return the top-k logprobs")
     prompt_logprobs: bool = Field(False, description="also return the logprob of every prompt token "
                                   "after the first (not when streaming)")
+    prompt_top_logprobs: int = Field(0, ge=0, le=20, description="with prompt_logprobs: also the top-k "
+                                     "logprobs at each of those prompt positions")
+    json_schema: dict[str, Any] | None = Field(None, description="constrain the text to JSON valid under "
+                                               "this schema (vllm backends only)")
+    json_object: bool = Field(False, description="constrain the text to a JSON object (vllm backends only)")
     prompt_logprobs_tail: int = Field(
         0, ge=0, description="with prompt_logprobs: only those of the prompt's last N tokens (0: all); "
         "for a one-token request without stop strings in-process vLLM then skips the logits of the "
@@ -88,6 +93,8 @@ class Generation(_Frozen):
     prompt_tokens: int = 0
     prompt_logprobs: list[float] = Field(default_factory=list, description="prompt token i+1 given 0..i "
                                          "(the last prompt_logprobs_tail of them when that is set)")
+    prompt_top_logprobs: list[dict[int, float]] = Field(default_factory=list, description="the top-k "
+                                                        "logprobs at the positions of prompt_logprobs")
 
     @property
     def cumulative_logprob(self) -> float:

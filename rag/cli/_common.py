@@ -56,3 +56,32 @@ def open_pipeline(pipeline: Path | None, index: Path | None) -> Iterator[Pipelin
         yield pipe
     finally:
         pipe.close()
+
+
+def pipeline_files(paths: Sequence[Path]) -> list[Path]:
+    """Pipeline YAMLs: files as given, a folder's ``*.yaml``/``*.yml`` in name order."""
+    files: list[Path] = []
+    for path in paths:
+        if path.is_dir():
+            found = sorted([*path.glob("*.yaml"), *path.glob("*.yml")])
+            if not found:
+                raise ConfigError(f"{path} holds no pipeline files (*.yaml)")
+            files += found
+        else:
+            files.append(path)
+    return files
+
+
+@contextlib.contextmanager
+def open_pipelines(paths: Sequence[Path], index: Path | None) -> Iterator[list[Pipeline]]:
+    """The pipelines the YAMLs (or folders of them) name, default: the packaged one; those with
+    equal generator settings share one engine; all are closed on the way out."""
+    from rag.config import DEFAULT_PIPELINE, load_pipeline_config
+    from rag.pipeline import build_pipelines
+
+    pipes = build_pipelines([load_pipeline_config(f) for f in pipeline_files(paths or [DEFAULT_PIPELINE])], index=index)
+    try:
+        yield pipes
+    finally:
+        for p in pipes:
+            p.close()

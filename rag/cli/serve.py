@@ -7,11 +7,15 @@ from typing import Annotated
 
 import typer
 
-from rag.cli._common import IndexOpt, PipelineOpt, open_pipeline
+from rag.cli._common import IndexOpt, open_pipelines
+
+Pipelines = Annotated[list[Path] | None, typer.Option(
+    "--pipeline", "-p", help="pipeline YAML or a folder of them; repeat to serve several (a request's "
+    "model picks one by its name; equal generator settings share one engine). Default: the packaged one")]
 
 
 def serve(
-    pipeline: PipelineOpt = None,
+    pipeline: Pipelines = None,
     index: IndexOpt = None,
     host: Annotated[str, typer.Option(help="bind address (loopback by default)")] = "127.0.0.1",
     port: Annotated[int, typer.Option(help="TCP port")] = 8000,
@@ -19,6 +23,8 @@ def serve(
     timeout: Annotated[float, typer.Option(help="per-request timeout in seconds")] = 120.0,
     runs: Annotated[Path | None, typer.Option(
         help="folder of rag eval runs the playground page may open", exists=True, file_okay=False)] = None,
+    private_probes: Annotated[bool, typer.Option(
+        help="/health and /metrics need the API key too (default: public, like the page)")] = False,
 ) -> None:
     """Serve a pipeline over an OpenAI-compatible HTTP API and a playground page at /
     (RAG_API_KEY enables auth)."""
@@ -26,8 +32,8 @@ def serve(
     from rag.server import serve as run_server
     from rag.settings import get_settings
 
-    with open_pipeline(pipeline, index) as pipe:
-        typer.echo(f"serving {pipe.info().name} on http://{host}:{port}/v1 (playground: "
-                   f"http://{host}:{port}/)", err=True)
-        run_server(pipe, host=host, port=port, api_key=get_settings().api_key,
+    with open_pipelines(pipeline or [], index) as pipes:
+        names = ", ".join(p.info().name for p in pipes)
+        typer.echo(f"serving {names} on http://{host}:{port}/v1 (playground: http://{host}:{port}/)", err=True)
+        run_server(pipes, host=host, port=port, api_key=get_settings().api_key, private_probes=private_probes,
                    limits=ServiceLimits(max_inflight=max_inflight, timeout_s=timeout), runs_dir=runs)

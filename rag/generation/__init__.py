@@ -46,6 +46,8 @@ class Generator(Protocol):
     #: logprobs of requested token ids are exact (False: a server without vLLM's extension;
     #: None: not known before `load`)
     exact_token_logprobs: bool | None
+    #: honours `GenerationParams.json_schema`/``json_object`` (vLLM's structured outputs)
+    structured_outputs: bool
 
     def load(self) -> Generator: ...
 
@@ -54,6 +56,10 @@ class Generator(Protocol):
     def encode(self, prompt: str) -> list[int]: ...
 
     def prompt_ids(self, prompt: Prompt) -> list[int]: ...
+
+    def limits(self) -> tuple[int, int]: ...
+
+    def alive(self) -> bool: ...
 
     def decode(self, ids: Sequence[int]) -> str: ...
 
@@ -185,6 +191,7 @@ class TokenizerOps:
     _tokenizer: Any = None
     _tok_lock: threading.Lock
     exact_token_logprobs: bool | None = True
+    structured_outputs: bool = False
     _adds_bos: bool | None = None
 
     def _tok(self) -> Any:
@@ -219,6 +226,36 @@ class TokenizerOps:
     def prompt_ids(self, prompt: Prompt) -> list[int]:
         """The ids a prompt is fed as: `encode` for text, ids as given."""
         return self.encode(prompt) if isinstance(prompt, str) else list(prompt)
+
+    def limits(self) -> tuple[int, int]:
+        """(vocabulary size, context length in tokens) of the loaded model. This default knows
+        the tokenizer only: no context bound here (a remote server checks its own)."""
+        return len(self._tok()), 2**31 - 1
+
+    def alive(self) -> bool:
+        """Whether the model can still answer (False: its engine died; `/health` says 503)."""
+        return True
+
+    def checked_ids(self, prompt: Prompt, params: GenerationParams) -> list[int]:
+        """`prompt_ids`, refused (`ConfigError`) when JSON is asked of a backend without
+        structured outputs, (`PromptError`, a 400 in the service) when empty, when an id is
+        outside the vocabulary, or when the prompt and ``max_new_tokens`` overrun the context:
+        checked per request, so that one bad prompt never fails a batch it would have joined."""
+        if (params.json_schema is not None or params.json_object) and not self.structured_outputs:
+            raise ConfigError(f"{type(self).__name__} cannot constrain its output to JSON (json_schema, "
+                              "json_object, response_format); use the vllm backend")
+        ids = self.prompt_ids(prompt)
+        vocab, context = self.limits()
+        if not ids:
+            raise PromptError("the prompt is empty (no tokens); send at least one token")
+        bad = sorted({i for i in ids if not 0 <= i < vocab})
+        if bad:
+            raise PromptError(f"token ids {bad[:5]} are outside this model's vocabulary (0..{vocab - 1})")
+        if len(ids) + params.max_new_tokens > context:
+            raise PromptError(f"the prompt has {len(ids)} tokens and max_tokens is {params.max_new_tokens}: "
+                              f"{len(ids) + params.max_new_tokens} > this model's context of {context} tokens; "
+                              "shorten the prompt or lower max_tokens")
+        return ids
 
     def decode(self, ids: Sequence[int]) -> str:
         with self._tok_lock:

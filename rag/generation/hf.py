@@ -18,7 +18,7 @@ from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from rag.errors import ConfigError, GenerationError, missing_extra
+from rag.errors import ConfigError, GenerationError, PromptError, missing_extra
 from rag.generation import Prompt, TokenizerOps, drain, stream_visible
 from rag.models import resolve_model
 from rag.types import Generation, GenerationChunk, GenerationParams
@@ -88,11 +88,13 @@ class TransformersGenerator(TokenizerOps):
         dtype: ``auto`` (fp32 on CPU, bf16 on CUDA) | ``float32`` | ``bfloat16`` | ``float16``.
         batch_size: rows per forward batch.
         batch_wait_s: how long the worker waits for concurrent requests to join a batch.
+        max_model_len: context cap in tokens (prompt + new tokens; the model's own when None or
+            larger): longer requests are refused before they hold the worker.
     """
 
     def __init__(self, model: str, *, device: str = "auto", dtype: str = "auto",
                  batch_size: int = 16, batch_wait_s: float = 0.01, model_obj: Any = None,
-                 tokenizer_obj: Any = None):
+                 tokenizer_obj: Any = None, max_model_len: int | None = None):
         if batch_size < 1:
             raise ConfigError(f"batch_size must be >= 1, got {batch_size}")
         if batch_wait_s < 0:
@@ -102,11 +104,13 @@ class TransformersGenerator(TokenizerOps):
         self.dtype_name = dtype
         self.batch_size = batch_size
         self.batch_wait_s = batch_wait_s
+        self.max_model_len = max_model_len
         self._model, self._tokenizer = model_obj, tokenizer_obj
         self._tok_lock = threading.Lock()
         self._load_lock = threading.Lock()
         self._queue: queue.Queue[Any] = queue.Queue()
         self._worker: threading.Thread | None = None
+        self._cancel_all = threading.Event()  # set by close: running rows stop at the next token
 
     def load(self) -> TransformersGenerator:
         with self._load_lock:
@@ -114,6 +118,7 @@ class TransformersGenerator(TokenizerOps):
                 self._load_model()
             self._setup_tokenizer()
             if self._worker is None:
+                self._cancel_all.clear()
                 self._worker = threading.Thread(target=self._run, name="rag-hf-worker", daemon=True)
                 self._worker.start()
         return self
@@ -141,12 +146,15 @@ class TransformersGenerator(TokenizerOps):
         if tok.pad_token_id is None:
             tok.pad_token = tok.eos_token
 
-    def close(self) -> None:
-        """Stop the worker thread (pending rows fail); the model stays loaded. Idempotent."""
+    def close(self, timeout_s: float = 5.0) -> None:
+        """Stop the worker thread (pending rows fail, running rows stop at their next token);
+        the model stays loaded. Waits at most ``timeout_s`` for a forward step in progress (a
+        daemon thread: it cannot keep the process alive). Idempotent."""
         worker, self._worker = self._worker, None
         if worker is not None:
+            self._cancel_all.set()
             self._queue.put(_STOP)
-            worker.join()
+            worker.join(timeout_s)
 
     def _tok(self) -> Any:
         if self._tokenizer is None:
@@ -159,14 +167,25 @@ class TransformersGenerator(TokenizerOps):
 
     # --- requests (any thread / event loop) -------------------------------------------------
 
+    def alive(self) -> bool:
+        """False when the worker thread was started and is gone (closed, or crashed)."""
+        return self._model is None or (self._worker is not None and self._worker.is_alive())
+
+    def limits(self) -> tuple[int, int]:
+        model = self.model
+        context = getattr(model.config, "max_position_embeddings", None) or self.max_model_len or 2048
+        return (model.get_output_embeddings().weight.shape[0],
+                min(context, self.max_model_len) if self.max_model_len else context)
+
     def _submit(self, prompt: Prompt, params: GenerationParams, *, stream: bool) -> _Row:
         self.load()
-        vocab = self._model.get_output_embeddings().weight.shape[0]
-        bad = [i for i in params.logprob_token_ids if not 0 <= i < vocab]
+        vocab = self.limits()[0]
+        bad = [i for i in params.logprob_token_ids + params.stop_token_ids if not 0 <= i < vocab]
         if bad:
-            raise GenerationError(f"logprob_token_ids {bad} are outside the vocabulary (0..{vocab - 1})")
+            raise PromptError(f"token ids {bad} in logprob_token_ids/stop_token_ids are outside the "
+                              f"vocabulary (0..{vocab - 1})")
         loop = asyncio.get_running_loop()
-        row = _Row(self.prompt_ids(prompt), params, loop, None if stream else loop.create_future(),
+        row = _Row(self.checked_ids(prompt, params), params, loop, None if stream else loop.create_future(),
                    asyncio.Queue() if stream else None)
         self._queue.put(row)
         return row
@@ -253,8 +272,6 @@ class TransformersGenerator(TokenizerOps):
             kw.update(do_sample=True, temperature=params.temperature, top_p=params.top_p, top_k=params.top_k)
         else:
             kw.update(do_sample=False, temperature=None, top_p=None, top_k=None)
-        if params.stop:
-            kw.update(stop_strings=params.stop, tokenizer=self._tokenizer)
         return kw
 
     def _generate_rows(self, rows: list[_Row]) -> list[Generation]:
@@ -285,8 +302,13 @@ class TransformersGenerator(TokenizerOps):
                 pass
 
         class _Cancelled(StoppingCriteria):
+            """A row ends when cancelled, at shutdown, or once its new text holds a stop string
+            (checked on the decoded tail, so a stop list costs no tables to build)."""
+
             def __call__(self, ids: Any, scores: Any, **kw: Any) -> Any:
-                return torch.tensor([r.cancelled.is_set() for r in rows], device=ids.device)
+                done = [r.cancelled.is_set() or gen._cancel_all.is_set() or
+                        gen._hit_stop(ids[b, width:].tolist(), params.stop) for b, r in enumerate(rows)]
+                return torch.tensor(done, device=ids.device)
 
         if params.seed is not None:
             torch.manual_seed(params.seed)
@@ -322,22 +344,37 @@ class TransformersGenerator(TokenizerOps):
             text_ids = ids[:-1] if finish == "stop" and ids[-1] in eos else ids
             text = self.decode(text_ids)
             cut, hit = stream_visible(text, params.stop, finished=True)
-            prompt_lp = self._prompt_logprobs(r.ids, params.prompt_logprobs_tail) if params.prompt_logprobs else []
+            prompt_lp, prompt_top = (self._prompt_logprobs(r.ids, params.prompt_logprobs_tail,
+                                                           params.prompt_top_logprobs)
+                                     if params.prompt_logprobs else ([], []))
             out.append(Generation(text=text[:cut], token_ids=ids, token_logprobs=token_lp, logprobs=req,
                                   top_logprobs=top, finish_reason="stop" if hit else finish,  # type: ignore[arg-type]
-                                  prompt_tokens=len(r.ids), prompt_logprobs=prompt_lp))
+                                  prompt_tokens=len(r.ids), prompt_logprobs=prompt_lp, prompt_top_logprobs=prompt_top))
         return out
 
-    def _prompt_logprobs(self, ids: list[int], tail: int = 0) -> list[float]:
-        """Logprobs of prompt tokens 1.. given the ones before, or of the last ``tail`` of them
-        (one unpadded forward pass; logits only where needed)."""
+    def _hit_stop(self, new: list[int], stops: list[str]) -> bool:
+        if not stops:
+            return False
+        longest = max(len(x) for x in stops)
+        text = self.decode(new[-(longest + 8):])  # a stop string spans at most its length in tokens
+        return any(x in text for x in stops)
+
+    def _prompt_logprobs(self, ids: list[int], tail: int = 0,
+                         top: int = 0) -> tuple[list[float], list[dict[int, float]]]:
+        """Logprobs of prompt tokens 1.. given the ones before, or of the last ``tail`` of them,
+        and the ``top`` likeliest at each of those positions (one unpadded forward pass; logits
+        only where needed)."""
         import torch
 
         n = min(tail, len(ids) - 1) if tail else len(ids) - 1
         with torch.inference_mode():
             logits = self._model(torch.tensor([ids], device=self._model.device), logits_to_keep=n + 1).logits[0, :-1]
         lp = logits.float().log_softmax(-1)
-        return lp.gather(-1, torch.tensor(ids[len(ids) - n:], device=lp.device)[:, None])[:, 0].tolist()
+        own = lp.gather(-1, torch.tensor(ids[len(ids) - n:], device=lp.device)[:, None])[:, 0].tolist()
+        if not top:
+            return own, []
+        vals, idx = lp.topk(top, dim=-1)
+        return own, [dict(zip(i, v, strict=True)) for i, v in zip(idx.tolist(), vals.tolist(), strict=True)]
 
     def _step(self, row: _Row, tid: int, eos: set[int]) -> None:
         """A streaming row's new token: send the text that can no longer change."""

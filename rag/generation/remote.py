@@ -27,7 +27,7 @@ import threading
 from collections.abc import AsyncIterator, Callable, Sequence
 from typing import Any
 
-from rag.errors import ConfigError, GenerationError, missing_extra
+from rag.errors import ConfigError, GenerationError, PromptError, RagError, missing_extra
 from rag.generation import LoopThread, Prompt, TokenizerOps
 from rag.models import resolve_model
 from rag.types import Generation, GenerationChunk, GenerationParams
@@ -115,6 +115,7 @@ class OpenAIGenerator(TokenizerOps):
             raise
         self._client, self._runner = client, runner
         self.exact_token_logprobs = exact
+        self.structured_outputs = bool(self._extensions)  # a vLLM server honours response_format
 
     async def _probe(self, client: Any, ids: list[int]) -> bool:
         """Whether the server returns logprobs of requested token ids; also checks that it is
@@ -153,6 +154,11 @@ class OpenAIGenerator(TokenizerOps):
                                 "temperature": params.temperature, "top_p": params.top_p, "stream": stream}
         if params.seed is not None:
             body["seed"] = params.seed
+        if params.json_schema is not None:
+            body["response_format"] = {"type": "json_schema",
+                                       "json_schema": {"name": "output", "schema": params.json_schema}}
+        elif params.json_object:
+            body["response_format"] = {"type": "json_object"}
         if params.stop:
             body["stop"] = params.stop
         extra: dict[str, Any] = {}
@@ -184,10 +190,12 @@ class OpenAIGenerator(TokenizerOps):
             body["extra_body"] = extra
         return body
 
-    def _error(self, e: BaseException) -> GenerationError:
+    def _error(self, e: BaseException) -> RagError:
         import openai
 
         where = f"the generator server {self.base_url}"
+        if isinstance(e, openai.BadRequestError):  # the request's own fault (a prompt over its context...)
+            return PromptError(f"{where} refused the request: {_message(e)}")
         if isinstance(e, openai.APITimeoutError):
             return GenerationError(f"{where} did not answer within {self.timeout_s:g}s "
                                    "(generator.timeout_s)")
@@ -204,7 +212,7 @@ class OpenAIGenerator(TokenizerOps):
     async def _call(self, coro: Any) -> Any:
         try:
             return await coro
-        except GenerationError:
+        except RagError:
             raise
         except Exception as e:
             raise self._error(e) from None

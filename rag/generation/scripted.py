@@ -42,6 +42,9 @@ class ScriptedTokenizer:
     def all_special_tokens(self) -> list[str]:
         return ["<unk>", "</s>", *self.additional_special_tokens]
 
+    def __len__(self) -> int:
+        return len(self.vocab)
+
     def convert_tokens_to_ids(self, token: str) -> int:
         return self.vocab.get(token, 0)
 

@@ -27,7 +27,7 @@ import uuid
 from collections.abc import AsyncIterator, Callable, Sequence
 from typing import Any
 
-from rag.errors import ConfigError, GenerationError, missing_extra
+from rag.errors import BackendUnavailableError, ConfigError, GenerationError, missing_extra
 from rag.generation import LoopThread, Prompt, TokenizerOps
 from rag.models import resolve_model
 from rag.types import Generation, GenerationChunk, GenerationParams
@@ -76,8 +76,11 @@ def engine_kwargs(model_path: str, *, cuda: bool, dtype: str, max_model_len: int
 
 def sampling_params(params: GenerationParams, *, stream: bool = False, **extra: Any) -> Any:
     from vllm import SamplingParams
-    from vllm.sampling_params import RequestOutputKind
+    from vllm.sampling_params import RequestOutputKind, StructuredOutputsParams
 
+    if params.json_schema is not None or params.json_object:
+        extra["structured_outputs"] = StructuredOutputsParams(json=params.json_schema,
+                                                              json_object=params.json_object or None)
     return SamplingParams(**extra,
         n=1, max_tokens=params.max_new_tokens, min_tokens=params.min_new_tokens,
         temperature=params.temperature,
@@ -88,7 +91,7 @@ def sampling_params(params: GenerationParams, *, stream: bool = False, **extra: 
         # (plus the sampled token) instead of top-k
         logprobs=None if stream else (None if params.logprob_token_ids else params.top_logprobs),
         logprob_token_ids=None if stream else (params.logprob_token_ids or None),
-        prompt_logprobs=0 if params.prompt_logprobs and not stream else None,
+        prompt_logprobs=params.prompt_top_logprobs if params.prompt_logprobs and not stream else None,
         skip_special_tokens=False, spaces_between_special_tokens=False,
         output_kind=RequestOutputKind.DELTA if stream else RequestOutputKind.FINAL_ONLY)
 
@@ -108,13 +111,18 @@ def to_generation(out: Any, params: GenerationParams) -> Generation:
             top.append({i: float(lp.logprob) for i, lp in step.items()})
     finish = "stop" if comp.finish_reason == "stop" else "length"
     prompt = list(out.prompt_token_ids or [])
-    prompt_lp = []
+    prompt_lp: list[float] = []
+    prompt_top: list[dict[int, float]] = []
     if params.prompt_logprobs and out.prompt_logprobs:
         first = max(1, len(prompt) - params.prompt_logprobs_tail) if params.prompt_logprobs_tail else 1
-        prompt_lp = [float(step[tid].logprob)
-                     for tid, step in zip(prompt[first:], out.prompt_logprobs[first:], strict=True)]
+        steps = out.prompt_logprobs[first:]
+        prompt_lp = [float(step[tid].logprob) for tid, step in zip(prompt[first:], steps, strict=True)]
+        if params.prompt_top_logprobs:  # vLLM adds the prompt's own token when outside the top k
+            prompt_top = [{i: float(lp.logprob) for i, lp in step.items() if lp.rank <= params.prompt_top_logprobs}
+                          for step in steps]
     return Generation(text=comp.text, token_ids=ids, token_logprobs=token_lp, logprobs=req,
-                      top_logprobs=top, finish_reason=finish, prompt_tokens=len(prompt), prompt_logprobs=prompt_lp)
+                      top_logprobs=top, finish_reason=finish, prompt_tokens=len(prompt), prompt_logprobs=prompt_lp,
+                      prompt_top_logprobs=prompt_top)
 
 
 class VLLMGenerator(TokenizerOps):
@@ -127,6 +135,8 @@ class VLLMGenerator(TokenizerOps):
         max_model_len: context length cap (saves KV-cache memory).
         gpu_memory_utilization, tensor_parallel_size: CUDA only.
     """
+
+    structured_outputs = True
 
     def __init__(self, model: str, *, dtype: str = "auto", max_model_len: int | None = 4096,
                  gpu_memory_utilization: float = 0.85, tensor_parallel_size: int = 1,
@@ -224,9 +234,21 @@ class VLLMGenerator(TokenizerOps):
 
     # --- requests --------------------------------------------------------------------------
 
+    def limits(self) -> tuple[int, int]:
+        config = self.engine.model_config
+        return int(config.get_vocab_size()), int(config.max_model_len)
+
+    def alive(self) -> bool:
+        """False once the engine has died (its process killed, say); a loaded, running engine is alive."""
+        engine = self._engine
+        return engine is not None and not getattr(engine, "errored", False)
+
     def _engine_loop(self) -> LoopThread:
         self.load()
         assert self._runner is not None
+        if not self.alive():
+            raise BackendUnavailableError("the vLLM engine has died (see the server log: killed, out of "
+                                          "memory?); restart the server")
         return self._runner
 
     async def _one(self, ids: list[int], sp: Any) -> Any:
@@ -238,6 +260,11 @@ class VLLMGenerator(TokenizerOps):
                 final = out
         except (ValueError, TypeError) as e:
             raise GenerationError(f"vLLM rejected the request: {e}") from None
+        except Exception as e:
+            if not self.alive():
+                raise BackendUnavailableError(f"the vLLM engine has died ({type(e).__name__}); "
+                                              "restart the server") from None
+            raise
         return final
 
     async def agenerate(self, prompts: Sequence[Prompt], params: GenerationParams) -> list[Generation]:
@@ -247,7 +274,7 @@ class VLLMGenerator(TokenizerOps):
             return []
         runner = self._engine_loop()
         sp = sampling_params(params)
-        ids = [self.prompt_ids(p) for p in prompts]
+        ids = [self.checked_ids(p, params) for p in prompts]
         if params.prompt_logprobs and params.prompt_logprobs_tail and params.max_new_tokens == 1 and not params.stop:
             return await runner.call(self._tail_logprobs(ids, params))
 
@@ -305,7 +332,7 @@ class VLLMGenerator(TokenizerOps):
     async def stream(self, prompt: Prompt, params: GenerationParams) -> AsyncIterator[GenerationChunk]:
         """Text deltas as the engine produces them; closing the iteration aborts the request."""
         runner = self._engine_loop()
-        ids = self.prompt_ids(prompt)
+        ids = self.checked_ids(prompt, params)
         sp = sampling_params(params, stream=True)
 
         async def pump(put: Callable[[Any], None]) -> None:  # on the engine loop
@@ -325,7 +352,8 @@ class VLLMGenerator(TokenizerOps):
             except (ValueError, TypeError) as e:
                 put(GenerationError(f"vLLM rejected the request: {e}"))
             except Exception as e:
-                put(GenerationError(f"generation failed: {e}"))
+                put(BackendUnavailableError(f"the vLLM engine has died ({type(e).__name__}); restart the server")
+                    if not self.alive() else GenerationError(f"generation failed: {e}"))
 
         async for chunk in runner.relay(pump):  # leaving early aborts the request in the engine
             yield chunk

@@ -13,13 +13,16 @@ import asyncio
 import threading
 from collections.abc import AsyncIterator, Sequence
 from concurrent.futures import Future
-from typing import Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Protocol, runtime_checkable
+
+if TYPE_CHECKING:
+    import numpy as np
 
 from rag.config import PipelineConfig, RetrievalPipelineConfig
 from rag.errors import ConfigError
 from rag.generation import Generator, run_sync
 from rag.prompts import check_messages
-from rag.retriever import Retriever, sibling_retriever
+from rag.retriever import Retriever, query_embedder, sibling_retriever
 from rag.types import (
     Answer,
     AnswerEvent,
@@ -58,6 +61,8 @@ class Pipeline(Protocol):
     def search(self, query: str, top_k: int, *, mode: str | None = None) -> list[Hit]: ...
 
     def search_batch(self, queries: Sequence[str], top_k: int, *, mode: str | None = None) -> list[list[Hit]]: ...
+
+    def embed_queries(self, texts: Sequence[str]) -> tuple[str, np.ndarray]: ...
 
     def load(self) -> Pipeline: ...
 
@@ -120,14 +125,30 @@ class BasePipeline:
         if self.retriever is None:
             raise ConfigError(f"pipeline {self.config.name!r} has no index; give it one (--index)")
         with self._search_lock:
-            retriever = self.retriever
-            if mode is not None and mode != self.config.retrieval.mode:
-                if mode not in self._siblings:
-                    self._siblings[mode] = sibling_retriever(
-                        retriever, mode, device=self.config.retrieval.device,  # type: ignore[arg-type]
-                        fusion=self.config.retrieval.fusion.model_dump())
-                retriever = self._siblings[mode]
-            return retriever.search_batch(list(queries), top_k)
+            return self._retriever(mode).search_batch(list(queries), top_k)
+
+    def _retriever(self, mode: str | None) -> Retriever:
+        """The pipeline's retriever, or the one of ``mode`` over its folder (caller holds the lock)."""
+        retriever = self.retriever
+        assert retriever is not None
+        if mode is None or mode == self.config.retrieval.mode:
+            return retriever
+        if mode not in self._siblings:
+            self._siblings[mode] = sibling_retriever(retriever, mode, device=self.config.retrieval.device,  # type: ignore[arg-type]
+                                                     fusion=self.config.retrieval.fusion.model_dump())
+        return self._siblings[mode]
+
+    def embed_queries(self, texts: Sequence[str]) -> tuple[str, np.ndarray]:
+        """(encoder name, vectors) of ``texts`` as the index's dense search encodes queries
+        (``/v1/embeddings``); a BM25-only pipeline uses its folder's dense encoder."""
+        if self.retriever is None:
+            raise ConfigError(f"pipeline {self.config.name!r} has no index, so no query encoder; give it one (--index)")
+        with self._search_lock:
+            mode = self.config.retrieval.mode
+            embedder = query_embedder(self._retriever("dense" if mode == "bm25" else None))
+            if embedder is None:
+                raise ConfigError(f"pipeline {self.config.name!r} has no dense query encoder")
+            return embedder.name, embedder.encode_queries(list(texts))
 
     def search(self, query: str, top_k: int, *, mode: str | None = None) -> list[Hit]:
         return self.search_batch([query], top_k, mode=mode)[0]
@@ -234,10 +255,10 @@ class BasePipeline:
         self.close()
 
 
-from rag.pipeline.build import build_pipeline  # noqa: E402
+from rag.pipeline.build import build_pipeline, build_pipelines  # noqa: E402
 from rag.pipeline.chat import ChatRagPipeline, build_context  # noqa: E402
 from rag.pipeline.retrieval import RetrievalPipeline  # noqa: E402
 from rag.pipeline.selfrag import SelfRagPipeline  # noqa: E402
 
 __all__ = ["BasePipeline", "ChatRagPipeline", "Pipeline", "RetrievalPipeline", "SelfRagPipeline",
-           "build_context", "build_pipeline", "citations"]
+           "build_context", "build_pipeline", "build_pipelines", "citations"]

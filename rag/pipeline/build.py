@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -37,7 +38,7 @@ def build_pipeline(config: PipelineConfig, *, index: str | Path | None = None,
         g = config.generator
         kw: dict[str, Any] = {"dtype": g.dtype}
         if g.backend == "hf":
-            kw["batch_size"] = g.batch_size
+            kw.update(batch_size=g.batch_size, max_model_len=g.max_model_len)
         elif g.backend == "vllm":
             kw.update(max_model_len=g.max_model_len, gpu_memory_utilization=g.gpu_memory_utilization)
         elif g.backend == "openai":
@@ -49,3 +50,18 @@ def build_pipeline(config: PipelineConfig, *, index: str | Path | None = None,
     if isinstance(config, SelfRagPipelineConfig):
         return SelfRagPipeline(config, generator, retriever)
     return ChatRagPipeline(config, generator, retriever)
+
+
+def build_pipelines(configs: Sequence[PipelineConfig], *, index: str | Path | None = None,
+                    follow: bool = True) -> list[Pipeline]:
+    """Several pipelines (one server's): those whose ``generator`` settings are equal share one
+    generator object, so one engine, one model load."""
+    shared: dict[str, Generator] = {}
+    out: list[Pipeline] = []
+    for config in configs:
+        key = None if isinstance(config, RetrievalPipelineConfig) else config.generator.model_dump_json()
+        pipe = build_pipeline(config, index=index, generator=shared.get(key) if key else None, follow=follow)
+        if key is not None and pipe.generator is not None:
+            shared.setdefault(key, pipe.generator)
+        out.append(pipe)
+    return out

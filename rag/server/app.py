@@ -4,27 +4,46 @@ serves it)."""
 from __future__ import annotations
 
 import contextlib
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
 
 from fastapi import FastAPI
 from fastapi.staticfiles import StaticFiles
 
+from rag.errors import ConfigError
 from rag.pipeline import Pipeline
 from rag.server import errors
 from rag.server.middleware import Guard
 from rag.server.protocol import ServiceLimits
-from rag.server.routers import chat, completions, health, models, retrieve, runs
+from rag.server.routers import chat, completions, embeddings, health, models, retrieve, runs, tokens
 from rag.server.state import ServerState
 
 
-def create_app(pipeline: Pipeline, *, model_name: str | None = None, api_key: str | None = None,
-               limits: ServiceLimits | None = None, runs_dir: Path | None = None) -> FastAPI:
-    """The ASGI app around a loaded pipeline. ``app.state.rag.admission.abort_all()`` aborts
-    every in-flight request; `serve` calls it on SIGTERM/SIGINT. ``runs_dir``: the folder whose
-    eval reports the playground may open (none when unset)."""
-    state = ServerState(pipeline, model_name or pipeline.info().name, limits or ServiceLimits(),
-                        runs_dir=runs_dir, api_key=api_key)
+def by_name(pipelines: Pipeline | Sequence[Pipeline], model_name: str | None = None) -> dict[str, Pipeline]:
+    """Served pipelines by the ``model`` name clients use: each pipeline's own name (one pipeline
+    may be given another); two with one name are a `ConfigError`."""
+    if not isinstance(pipelines, Sequence):
+        return {model_name or pipelines.info().name: pipelines}
+    named: dict[str, Pipeline] = {}
+    for p in pipelines:
+        name = p.info().name
+        if name in named:
+            raise ConfigError(f"two pipelines are named {name!r}; give each pipeline file its own 'name:'")
+        named[name] = p
+    return named
+
+
+def create_app(pipelines: Pipeline | Sequence[Pipeline], *, model_name: str | None = None,
+               api_key: str | None = None, limits: ServiceLimits | None = None,
+               runs_dir: Path | None = None, private_probes: bool = False) -> FastAPI:
+    """The ASGI app around loaded pipelines (one, or several picked by the request's
+    ``model``). ``app.state.rag.admission.abort_all()`` aborts every in-flight request; `serve`
+    calls it on SIGTERM/SIGINT. ``runs_dir``: the folder whose eval reports the playground may
+    open (none when unset). ``private_probes``: ``/health`` and ``/metrics`` need the API key too
+    (they are public by default: model and index names, versions, passage counts, request counts
+    and latencies by route)."""
+    state = ServerState.of(by_name(pipelines, model_name), limits or ServiceLimits(), runs_dir=runs_dir,
+                           api_key=api_key, private_probes=private_probes)
 
     @contextlib.asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
@@ -36,6 +55,6 @@ def create_app(pipeline: Pipeline, *, model_name: str | None = None, api_key: st
     app.mount("/static", StaticFiles(directory=runs.STATIC), name="static")
     errors.install(app)
     app.middleware("http")(Guard(state))
-    for module in (chat, completions, retrieve, models, runs, health):
+    for module in (chat, completions, embeddings, tokens, retrieve, models, runs, health):
         app.include_router(module.router)
     return app

@@ -43,6 +43,9 @@ class HTTPError(Exception):
             if errs and errs[0].get("type") == "json_invalid":
                 return cls(400, f"malformed JSON body: {errs[0].get('msg')}")
             param = field_path(errs[0].get("loc", ()), drop=("body",)) if errs else None
+            if errs and errs[0].get("type") == "extra_forbidden":
+                return cls(400, f"unknown field '{param}': this server does not know it; remove it (docs/serving.md "
+                                "lists the fields honoured, accepted and refused)", param=param, code="unknown_field")
             return cls(400, validation_message(errs, drop=("body",)), param=param or None)
         if isinstance(e, StarletteHTTPException):
             kind = "invalid_request_error" if e.status_code < 500 else "server_error"

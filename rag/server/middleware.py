@@ -20,7 +20,16 @@ SECURITY_HEADERS = {
     "X-Content-Type-Options": "nosniff",
     "Referrer-Policy": "no-referrer",
 }
-PUBLIC = ("/health", "/metrics", "/", "/favicon.ico")  # the page holds nothing secret
+PAGE = ("/", "/favicon.ico")  # the page holds nothing secret
+PROBES = ("/health", "/metrics")  # public unless the server was started with private_probes
+
+
+def route_label(request: Request) -> str:
+    """The metrics label of a request: its route's template (``/static`` for the mount), one
+    label for every path no route matched, so probes cannot grow the series without bound."""
+    route = request.scope.get("route")
+    path = getattr(route, "path", None)
+    return path if isinstance(path, str) else "unmatched"
 
 
 class Guard:
@@ -32,7 +41,8 @@ class Guard:
     def check(self, request: Request, body: bytes | None) -> None:
         key, limit = self.state.api_key, self.state.limits.max_body_bytes
         path = request.url.path
-        if key and path not in PUBLIC and not path.startswith("/static/"):
+        public = path in PAGE or path.startswith("/static/") or (path in PROBES and not self.state.private_probes)
+        if key and not public:
             scheme, _, token = request.headers.get("authorization", "").partition(" ")
             if scheme.lower() != "bearer" or not hmac.compare_digest(token.encode(), key.encode()):
                 raise HTTPError(401, "invalid or missing API key (Authorization: Bearer <key>)",
@@ -52,7 +62,7 @@ class Guard:
         except HTTPError as e:
             response = e.response()
         response.headers.update(SECURITY_HEADERS)
-        route = "/static" if request.url.path.startswith("/static/") else request.url.path  # one label
+        route = route_label(request)
         self.state.metrics.requests.labels(route, str(response.status_code)).inc()
         self.state.metrics.latency.labels(route).observe(time.perf_counter() - t0)
         return response

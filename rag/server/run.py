@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Sequence
 from pathlib import Path
 from types import FrameType
 
@@ -12,16 +13,19 @@ from rag.server.app import create_app
 from rag.server.protocol import ServiceLimits
 
 
-def serve(pipeline: Pipeline, *, host: str = "127.0.0.1", port: int = 8000, api_key: str | None = None,
-          limits: ServiceLimits | None = None, runs_dir: Path | None = None) -> None:
+def serve(pipelines: Pipeline | Sequence[Pipeline], *, host: str = "127.0.0.1", port: int = 8000,
+          api_key: str | None = None, limits: ServiceLimits | None = None, runs_dir: Path | None = None,
+          private_probes: bool = False) -> None:
     """Run the service with uvicorn (blocking). SIGTERM or Ctrl-C aborts in-flight requests at
-    once, and the pipeline's engine (threads and processes) is shut down before this returns."""
+    once, and the pipelines' engines (threads and processes) are shut down before this returns."""
     try:
         import uvicorn
     except ImportError:
         raise missing_extra("uvicorn", "serve") from None
-    pipeline.load()  # the engine starts before the port opens, not on the first request
-    app = create_app(pipeline, api_key=api_key, limits=limits, runs_dir=runs_dir)
+    app = create_app(pipelines, api_key=api_key, limits=limits, runs_dir=runs_dir, private_probes=private_probes)
+    served = app.state.rag.pipelines()
+    for p in served:
+        p.load()  # the engines start before the port opens, not on the first request
     admission = app.state.rag.admission
 
     class Server(uvicorn.Server):
@@ -40,4 +44,5 @@ def serve(pipeline: Pipeline, *, host: str = "127.0.0.1", port: int = 8000, api_
     try:
         server.run()
     finally:
-        pipeline.close()
+        for p in served:
+            p.close()

@@ -179,15 +179,15 @@ def test_queue_full_answers_429_with_retry_after(scripted_server: str, scripted:
 
 
 @pytest.mark.parametrize(("body", "status", "needle"), [
-    ({"model": "m", "messages": [{"role": "tool", "content": "x"}]}, 400, "messages[0].role 'tool'"),
-    ({"model": "m", "messages": [{"role": "user", "content": "a"}] * 5}, 400, "exceed the limit of 4"),
-    ({"model": "m", "messages": [{"role": "user", "content": "x" * 201}]}, 400, "limit is 200"),
-    ({"model": "m", "messages": [{"role": "user", "content": "x"}], "max_tokens": 65}, 400, "max_tokens=65"),
-    ({"model": "m", "messages": [{"role": "user", "content": "x"}], "n": 2}, 400, "n=2"),
-    ({"model": "m", "messages": []}, 400, "must not be empty"),
-    ({"model": "m", "messages": [{"role": "user", "content": "x"}], "rag": {"top_k": 0}}, 400, "rag.top_k"),
-    ({"model": "m", "messages": [{"role": "user", "content": "x"}], "rag": {"colour": 1}}, 400, "rag.colour"),
-    ({"model": "m", "messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}]},
+    ({"model": "scripted", "messages": [{"role": "tool", "content": "x"}]}, 400, "messages[0].role 'tool'"),
+    ({"model": "scripted", "messages": [{"role": "user", "content": "a"}] * 5}, 400, "exceed the limit of 4"),
+    ({"model": "scripted", "messages": [{"role": "user", "content": "x" * 201}]}, 400, "limit is 200"),
+    ({"model": "scripted", "messages": [{"role": "user", "content": "x"}], "max_tokens": 65}, 400, "max_tokens=65"),
+    ({"model": "scripted", "messages": [{"role": "user", "content": "x"}], "n": 2}, 400, "n=2"),
+    ({"model": "scripted", "messages": []}, 400, "must not be empty"),
+    ({"model": "scripted", "messages": [{"role": "user", "content": "x"}], "rag": {"top_k": 0}}, 400, "rag.top_k"),
+    ({"model": "scripted", "messages": [{"role": "user", "content": "x"}], "rag": {"colour": 1}}, 400, "rag.colour"),
+    ({"model": "scripted", "messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}]},
      400, "last message must come from the user"),
     ({"messages": [{"role": "user", "content": "x"}]}, 400, "model"),
 ])
@@ -207,7 +207,7 @@ def test_unknown_role_through_the_openai_client(scripted_server: str) -> None:
 
 
 def test_malformed_json_and_oversized_body(scripted_server: str) -> None:
-    r = httpx.post(scripted_server + "/v1/chat/completions", content=b'{"model": "m", "messages": [',
+    r = httpx.post(scripted_server + "/v1/chat/completions", content=b'{"model": "scripted", "messages": [',
                    headers={"content-type": "application/json"})
     assert r.status_code == 400 and "malformed JSON" in r.json()["error"]["message"]
     r = httpx.post(scripted_server + "/v1/chat/completions", content=b"x" * 5000,

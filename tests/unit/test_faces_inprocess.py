@@ -58,7 +58,7 @@ def test_chat_answer_with_its_citation_and_info_in_process(app: Any) -> None:
 
 @pytest.mark.parametrize(("method", "path", "body", "status", "needle"), [
     ("POST", "/v1/chat/completions", chat(rag={"top_k": 9}), 400, "rag.top_k=9 exceeds the limit of 3"),
-    ("POST", "/v1/chat/completions", {"model": "m", "messages": [{"role": "tool", "content": "x"}]}, 400,
+    ("POST", "/v1/chat/completions", {"model": "inproc", "messages": [{"role": "tool", "content": "x"}]}, 400,
      "messages[0].role 'tool' is not supported"),
     ("POST", "/v1/chat/completions", {"messages": []}, 400, "field 'model'"),
     ("GET", "/v1/nowhere", None, 404, "Not Found"),

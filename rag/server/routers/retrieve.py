@@ -1,4 +1,4 @@
-"""``POST /v1/retrieve``: ranked passages from the pipeline's index (its mode, or ``mode``)."""
+"""``POST /v1/retrieve``: ranked passages from a served pipeline's index (its mode, or ``mode``)."""
 
 from __future__ import annotations
 
@@ -17,10 +17,11 @@ router = APIRouter()
 
 @router.post("/v1/retrieve")
 async def retrieve(req: RetrieveRequest, state: State) -> HitList:
-    if state.pipeline.retriever is None:
-        raise HTTPError(400, "this pipeline has no index; start rag serve with --index")
+    served = state.pick(req.model)
+    if served.pipeline.retriever is None:
+        raise HTTPError(400, f"the pipeline {served.name!r} has no index; start rag serve with --index")
     check_top_k(req.top_k, state.limits, "top_k")
     t0 = time.perf_counter()
-    hits = await asyncio.to_thread(state.pipeline.search, req.query, req.top_k, mode=req.mode)
+    hits = await asyncio.to_thread(served.pipeline.search, req.query, req.top_k, mode=req.mode)
     state.metrics.retrieval.observe(time.perf_counter() - t0)
     return HitList(data=[h.to_json() for h in hits])

@@ -21,18 +21,20 @@ RUN_FILE_SUFFIXES = (".md", ".png")
 def find_runs(root: Path) -> dict[str, Path]:
     """Eval run folders under ``root``: those holding a ``report.md``, up to two levels down,
     by their path relative to ``root`` (``.`` for ``root`` itself)."""
-    runs = {}
+    runs, real = {}, root.resolve()
     for pattern in ("report.md", "*/report.md", "*/*/report.md"):
         for report in sorted(root.glob(pattern)):
-            if report.is_file() and not report.is_symlink():
+            inside = report.resolve().is_relative_to(real)  # no folder linked in from elsewhere
+            if inside and report.is_file() and not report.is_symlink():
                 runs[report.parent.relative_to(root).as_posix()] = report.parent
     return runs
 
 
 def run_files(folder: Path) -> list[str]:
     """The files of a run folder that the service hands out: the report and its plots."""
-    return sorted(f.name for f in folder.iterdir()
-                  if f.suffix in RUN_FILE_SUFFIXES and f.is_file() and not f.is_symlink())
+    real = folder.resolve()
+    return sorted(f.name for f in folder.iterdir() if f.suffix in RUN_FILE_SUFFIXES and f.is_file()
+                  and not f.is_symlink() and f.resolve().parent == real)
 
 
 def _runs(state: ServerState) -> dict[str, Path]:
@@ -70,4 +72,4 @@ def run_file(run: str, name: str, state: State) -> FileResponse:
     if name not in run_files(folder):
         raise HTTPError(404, f"run {run!r} has no file {name!r}; GET /v1/runs lists its files", param="name")
     media = "text/markdown; charset=utf-8" if name.endswith(".md") else "image/png"
-    return FileResponse(folder / name, media_type=media)
+    return FileResponse((folder / name).resolve(), media_type=media)
