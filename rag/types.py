@@ -62,6 +62,7 @@ class GenerationParams(_Frozen):
         default_factory=list, max_length=128,
         description="token ids whose exact logprob is returned at every generated position")
     top_logprobs: int = Field(0, ge=0, le=20, description="also return the top-k logprobs")
+    want_logprobs: bool = Field(False, description="a chat answer carries its tokens' logprobs (not when streaming)")
     prompt_logprobs: bool = Field(False, description="also return the logprob of every prompt token "
                                   "after the first (not when streaming)")
     prompt_top_logprobs: int = Field(0, ge=0, le=20, description="with prompt_logprobs: also the top-k "
@@ -161,6 +162,14 @@ class TreeNode(_Frozen):
     done: bool
 
 
+class TokenLogprob(_Frozen):
+    """One generated token: its id, log-probability, and the top-k alternatives (id -> logprob)."""
+
+    id: int
+    logprob: float
+    top: dict[int, float] = Field(default_factory=dict)
+
+
 class Trace(_Frozen):
     """How an answer was produced (``include_trace``); every field optional."""
 
@@ -187,6 +196,8 @@ class Answer(_Frozen):
     timings: Timings = Timings()
     finish_reason: FinishReason = "stop"
     trace: Trace = Trace()
+    logprobs: list[TokenLogprob] | None = Field(None, description="the raw completion's tokens (before "
+                                                "cleaning), when the generation was asked for logprobs")
 
     def to_json(self, *, include_trace: bool = False) -> dict[str, Any]:
         out: dict[str, Any] = {

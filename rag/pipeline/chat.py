@@ -28,6 +28,7 @@ from rag.types import (
     SourcesEvent,
     TextEvent,
     Timings,
+    TokenLogprob,
     Trace,
     Usage,
 )
@@ -151,10 +152,16 @@ class ChatRagPipeline(BasePipeline):
             out.append((self.format.render(convo, context if with_context else None), used, t_ret))
         return out
 
-    def _answer(self, prompt: str, used: list[Hit], g: Generation, timings: Timings) -> Answer:
+    def _answer(self, prompt: str, used: list[Hit], g: Generation, timings: Timings,
+                params: GenerationParams) -> Answer:
+        logprobs = None
+        if params.want_logprobs:
+            tops = g.top_logprobs or [{}] * len(g.token_ids)
+            logprobs = [TokenLogprob(id=t, logprob=lp, top=top)
+                        for t, lp, top in zip(g.token_ids, g.token_logprobs, tops, strict=False)]
         return Answer(text=remove_cruft(g.text), citations=citations(used), hits=used,
                       usage=Usage(prompt_tokens=g.prompt_tokens, completion_tokens=len(g.token_ids)),
-                      timings=timings, finish_reason=g.finish_reason,
+                      timings=timings, finish_reason=g.finish_reason, logprobs=logprobs,
                       trace=Trace(prompt=prompt, raw_completion=g.text))
 
     async def aanswer_batch(self, conversations: Sequence[Conversation], *, top_k: int | None = None,
@@ -166,7 +173,7 @@ class ChatRagPipeline(BasePipeline):
         t0 = time.perf_counter()
         gens = await self.generator.agenerate([p for p, _, _ in prepared], params)
         t_gen = (time.perf_counter() - t0) / max(1, len(prepared))
-        return [self._answer(prompt, used, g, Timings(retrieval_s=t_ret, generation_s=t_gen))
+        return [self._answer(prompt, used, g, Timings(retrieval_s=t_ret, generation_s=t_gen), params)
                 for (prompt, used, t_ret), g in zip(prepared, gens, strict=True)]
 
     async def astream(self, messages: Conversation, *, top_k: int | None = None,

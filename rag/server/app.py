@@ -54,7 +54,7 @@ def create_app(pipelines: Pipeline | Sequence[Pipeline], *, model_name: str | No
     app.state.rag = state
     app.mount("/static", StaticFiles(directory=runs.STATIC), name="static")
     errors.install(app)
-    app.middleware("http")(Guard(state))
+    app.add_middleware(Guard, state=state)
     for module in (chat, completions, embeddings, tokens, retrieve, models, runs, health):
         app.include_router(module.router)
     return app

@@ -6,11 +6,12 @@ client may read is declared here. ``ServiceLimits`` caps what one request may as
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from rag.types import Answer
+from rag.types import Answer, TokenLogprob
 
 
 class ServiceLimits(BaseModel):
@@ -85,6 +86,8 @@ class MessageIn(BaseModel):
     role: str
     content: str | list[ContentPart] | None = None
     name: str | None = None  # accepted, no effect
+    tool_calls: Any = None  # refused: tool calling is not implemented
+    tool_call_id: Any = None
 
 
 class StreamOptions(BaseModel):
@@ -300,11 +303,40 @@ class AssistantMessage(BaseModel):
     content: str
 
 
+class TopLogprob(BaseModel):
+    token: str
+    logprob: float
+    bytes: list[int]
+
+    @classmethod
+    def of(cls, token: str, logprob: float) -> TopLogprob:
+        return cls(token=token, logprob=max(logprob, -9999.0), bytes=list(token.encode("utf-8")))
+
+
+class ContentLogprob(TopLogprob):
+    top_logprobs: list[TopLogprob]
+
+
+class ChatLogprobs(BaseModel):
+    """OpenAI's chat ``logprobs``: per token of the raw completion (before the answer is cleaned),
+    its top alternatives likeliest first."""
+
+    content: list[ContentLogprob]
+
+    @classmethod
+    def of(cls, tokens: Sequence[TokenLogprob], decode: Callable[[list[int]], str], top: int) -> ChatLogprobs:
+        out = []
+        for t in tokens:
+            alts = [TopLogprob.of(decode([i]), lp) for i, lp in sorted(t.top.items(), key=lambda kv: -kv[1])[:top]]
+            out.append(ContentLogprob(**TopLogprob.of(decode([t.id]), t.logprob).model_dump(), top_logprobs=alts))
+        return cls(content=out)
+
+
 class ChatChoice(BaseModel):
     index: int = 0
     message: AssistantMessage
     finish_reason: str | None
-    logprobs: None = None
+    logprobs: ChatLogprobs | None = None
 
 
 class ChatCompletion(BaseModel):

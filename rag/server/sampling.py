@@ -91,6 +91,9 @@ def chat_messages(messages: list[MessageIn], limits: ServiceLimits) -> list[Chat
                         param="messages")
     out = []
     for i, m in enumerate(messages):
+        if m.role == "tool" or m.tool_calls is not None or m.tool_call_id is not None:
+            raise HTTPError(400, f"messages[{i}].role {m.role!r} is not supported with tool calls: tool calling "
+                                 "is not implemented", param=f"messages[{i}]", code="unsupported_field")
         content = _content(i, m.content)
         if len(content) > limits.max_message_chars:
             raise HTTPError(400, f"messages[{i}].content has {len(content)} characters; the limit "

@@ -19,6 +19,7 @@ from rag.server.protocol import (
     ChatChoice,
     ChatCompletion,
     ChatCompletionChunk,
+    ChatLogprobs,
     ChatRequest,
     ChunkChoice,
     RagExtension,
@@ -33,8 +34,8 @@ from rag.server.sampling import (
     generation_params,
     refuse_unsupported,
 )
-from rag.server.state import ServerState, State
-from rag.types import Answer, AnswerEvent, DoneEvent, SourcesEvent, TextEvent
+from rag.server.state import Served, ServerState, State
+from rag.types import Answer, AnswerEvent, ChatMessage, DoneEvent, GenerationParams, SourcesEvent, TextEvent
 
 router = APIRouter()
 
@@ -56,21 +57,15 @@ def check_stream_options(req: SamplingRequest) -> bool:
 @router.post("/v1/chat/completions", response_model=None)
 async def chat_completions(req: ChatRequest, request: Request, state: State) -> Response:
     served = state.pick(req.model)
-    if req.logprobs or req.top_logprobs:
-        raise HTTPError(400, "logprobs are not returned on chat completions here (the answer is cleaned "
-                             "after generation); use /v1/completions with logprobs", param="logprobs",
-                        code="unsupported_field")
     messages = chat_messages(req.messages, state.limits)
-    params = generation_params(req, served.generation, state.limits) if served.generation is not None else None
-    if params is None:
-        refuse_unsupported(req)
-    else:
-        check_structured(params, served.pipeline.generator, served.pipeline.info().kind)
+    params = _params(req, served, state)
     opts = req.rag or RagOptions()
     check_top_k(opts.top_k, state.limits, "rag.top_k")
     usage = check_stream_options(req)
     served.pipeline.validate(messages)  # role/order errors become 400 before admission
-    work = state.admission.admit(served.pipeline.astream(messages, top_k=opts.top_k, params=params))
+    events = (_answered(served, messages, opts, params) if params is not None and params.want_logprobs
+              else served.pipeline.astream(messages, top_k=opts.top_k, params=params))
+    work = state.admission.admit(events)
     chunks = _Chunks(f"chatcmpl-{uuid.uuid4().hex}", int(time.time()), served.name, opts, state, usage)
     if req.stream:
         return EventSourceResponse(_stream(state, work, request, chunks), sep="\n", ping=15,
@@ -81,11 +76,42 @@ async def chat_completions(req: ChatRequest, request: Request, state: State) -> 
     assert isinstance(done, DoneEvent)
     answer = done.answer
     state.metrics.observe(answer)
+    logprobs = None
+    if answer.logprobs is not None and served.pipeline.generator is not None:
+        logprobs = ChatLogprobs.of(answer.logprobs, served.pipeline.generator.decode, req.top_logprobs or 0)
     body = ChatCompletion(id=chunks.cid, created=chunks.now, model=served.name, usage=_usage(answer),
                           rag=RagExtension.of(answer, opts),
                           choices=[ChatChoice(message=AssistantMessage(content=answer.text),
-                                              finish_reason=answer.finish_reason)])
+                                              finish_reason=answer.finish_reason, logprobs=logprobs)])
     return JSONResponse(body.model_dump())
+
+
+def _params(req: ChatRequest, served: Served, state: ServerState) -> GenerationParams | None:
+    """The request's generation settings (None: a retrieval pipeline), with the logprobs it asks
+    for; 400 for what the pipeline cannot honour."""
+    if served.generation is None:
+        refuse_unsupported(req)
+        return None
+    params = generation_params(req, served.generation, state.limits)
+    kind = served.pipeline.info().kind
+    check_structured(params, served.pipeline.generator, kind)
+    if req.top_logprobs is not None and not req.logprobs:
+        raise HTTPError(400, "top_logprobs needs logprobs: true", param="top_logprobs")
+    if not req.logprobs:
+        return params
+    if req.stream:
+        raise HTTPError(400, "logprobs are returned only without stream", param="logprobs", code="unsupported_field")
+    if kind != "chat":
+        raise HTTPError(400, f"logprobs are returned by chat pipelines only, not by a {kind} pipeline",
+                        param="logprobs", code="unsupported_field")
+    return params.model_copy(update={"want_logprobs": True, "top_logprobs": req.top_logprobs or 0})
+
+
+async def _answered(served: Served, messages: list[ChatMessage], opts: RagOptions,
+                    params: GenerationParams) -> AsyncIterator[AnswerEvent]:
+    """The answer in one piece (the batch path, which returns logprobs)."""
+    (answer,) = await served.pipeline.aanswer_batch([messages], top_k=opts.top_k, params=params)
+    yield DoneEvent(answer=answer)
 
 
 class _Chunks:
