@@ -236,6 +236,7 @@ class SourcesEvent(_Frozen):
     type: Literal["sources"] = "sources"
     hits: list[Hit]
     retrieval: RetrievalDecision | None = None
+    cut: int = Field(0, ge=0, description="passages retrieved but left out: the context budget was full")
 
 
 class TextEvent(_Frozen):

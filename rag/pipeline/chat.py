@@ -131,9 +131,10 @@ class ChatRagPipeline(BasePipeline):
         return remove_cruft(g.text).splitlines()[0].strip() if g.text.strip() else question
 
     async def prepare(self, conversations: Sequence[Conversation], *, top_k: int | None = None,
-                      hits: Sequence[Sequence[Hit]] | None = None) -> list[tuple[str, list[Hit], float]]:
+                      hits: Sequence[Sequence[Hit]] | None = None) -> list[tuple[str, list[Hit], float, int]]:
         """Retrieve for every conversation in one batch (or take pre-retrieved ``hits``);
-        return (prompt, hits used, retrieval seconds per conversation)."""
+        return (prompt, hits used, retrieval seconds, hits the context budget left out) per
+        conversation."""
         k = top_k or self.config.retrieval.top_k
         for convo in conversations:
             self.validate(convo)  # before any retrieval or generation
@@ -149,7 +150,8 @@ class ChatRagPipeline(BasePipeline):
         for convo, found in zip(conversations, hit_lists, strict=True):
             context, used = (build_context(found, self.config.retrieval.context_chars,
                                            self.format.extra_control) if with_context else ("", []))
-            out.append((self.format.render(convo, context if with_context else None), used, t_ret))
+            out.append((self.format.render(convo, context if with_context else None), used, t_ret,
+                        len(found) - len(used) if with_context else 0))
         return out
 
     def _answer(self, prompt: str, used: list[Hit], g: Generation, timings: Timings,
@@ -171,10 +173,10 @@ class ChatRagPipeline(BasePipeline):
         params = self._params(params)
         prepared = await self.prepare(conversations, top_k=top_k, hits=hits)
         t0 = time.perf_counter()
-        gens = await self.generator.agenerate([p for p, _, _ in prepared], params)
+        gens = await self.generator.agenerate([p for p, _, _, _ in prepared], params)
         t_gen = (time.perf_counter() - t0) / max(1, len(prepared))
         return [self._answer(prompt, used, g, Timings(retrieval_s=t_ret, generation_s=t_gen), params)
-                for (prompt, used, t_ret), g in zip(prepared, gens, strict=True)]
+                for (prompt, used, t_ret, _), g in zip(prepared, gens, strict=True)]
 
     async def astream(self, messages: Conversation, *, top_k: int | None = None,
                       params: GenerationParams | None = None) -> AsyncIterator[AnswerEvent]:
@@ -182,8 +184,8 @@ class ChatRagPipeline(BasePipeline):
         iteration aborts the generation."""
         t0 = time.perf_counter()
         params = self._params(params)
-        ((prompt, used, t_ret),) = await self.prepare([messages], top_k=top_k)
-        yield SourcesEvent(hits=used)
+        ((prompt, used, t_ret, cut),) = await self.prepare([messages], top_k=top_k)
+        yield SourcesEvent(hits=used, cut=cut)
         cleaner, raw, first, last = StreamCleaner(), "", None, None
         t1 = time.perf_counter()
         async for chunk in self.generator.stream(prompt, params):

@@ -62,21 +62,39 @@ function askKey(error) {
   $("key-input").focus();
 }
 
-async function start() {
+// The last part of a path: the index folder's name.
+const baseName = (path) => (path || "").split(/[\\/]/).filter(Boolean).pop() || "";
+
+async function start(model) {
   try {
-    state.info = await (await api("/v1/info")).json();
+    const query = model ? "?" + new URLSearchParams({ model }) : "";
+    state.info = await (await api("/v1/info" + query)).json();
   } catch (e) {
     if (!(e instanceof AuthNeeded)) setStatus(e.message, "error");
     return;
   }
   $("key-dialog").hidden = true;
   const i = state.info;
-  $("model").textContent = i.model + " · " + i.kind + (i.retrieval_mode ? " · " + i.retrieval_mode : "");
+  const parts = [i.kind, i.generator, i.index && i.index.index ? "index " + baseName(i.index.index) +
+    (i.index.version ? " v" + i.index.version : "") : null, i.retrieval_mode];
+  $("model").textContent = (i.models.length > 1 ? "" : i.model + " · ") + parts.filter(Boolean).join(" · ");
+  $("model").title = [i.model, ...parts].filter(Boolean).join("\n");
+  const picker = $("pipeline");
+  picker.replaceChildren(...i.models.map((m) => el("option", { value: m, text: m, selected: m === i.model })));
+  $("picker").hidden = i.models.length < 2;
   if (i.top_k) $("top-k").value = i.top_k;
-  if (i.max_tokens) $("max-tokens").value = i.max_tokens;
-  if (i.kind === "retrieval") $("max-tokens").disabled = true;
+  $("max-tokens").value = i.max_tokens || "";
+  $("max-tokens").disabled = i.kind === "retrieval";
   setStatus("ready");
 }
+
+// What a hit's score means in a mode: fused scores only order their own list.
+function scoreText(mode, score) {
+  return mode === "hybrid" ? "fused " + fmt(score, 4) : "score " + fmt(score);
+}
+const SCORE_HELP = { hybrid: "hybrid: the dense and BM25 rankings fused (retrieval.fusion); the fused score orders " +
+  "this list and is not a similarity", dense: "dense: the query and passage embeddings' similarity",
+  bm25: "BM25: lexical relevance (unbounded)" };
 
 // --- tabs -------------------------------------------------------------------------------------
 
@@ -107,17 +125,24 @@ function highlighted(text, answerWords) {
   return frag;
 }
 
-function renderSources(turn, sources, answer) {
+function renderSources(turn, sources, answer, cut) {
   turn.sources = sources;
+  if (cut !== undefined) turn.cut = cut;
   const box = turn.querySelector(".sources");
   box.replaceChildren(el("h3", { text: "Sources (" + sources.length + ")" }));
+  if (turn.cut) {
+    box.append(el("p", { class: "note", text: turn.cut + " more retrieved passage" + (turn.cut > 1 ? "s" : "") +
+      " did not fit the pipeline's context budget (retrieval.context_chars) and " + (turn.cut > 1 ? "were" : "was") +
+      " not given to the model" }));
+  }
   const answerWords = new Set(words(answer || ""));
+  const mode = state.info.retrieval_mode;
   for (const s of sources) {
     box.append(el("div", { class: "source", "data-id": s.id },
       el("div", { class: "meta" },
         el("span", { class: "rank", text: "#" + s.rank }),
         el("span", { class: "title", text: s.title || s.id }),
-        el("span", { class: "score", text: "score " + fmt(s.score) })),
+        el("span", { class: "score", text: scoreText(mode, s.score), title: SCORE_HELP[mode] || "" })),
       el("p", { class: "text" }, highlighted(s.text, answerWords))));
   }
 }
@@ -156,8 +181,13 @@ function newTurn(question) {
     el("div", { class: "candidates" }),
     el("div", { class: "sources" }));
   $("conversation").append(turn);
-  turn.scrollIntoView({ block: "end" });
+  follow(turn);
   return turn;
+}
+
+// Keep the end of the turn being written in view, above the sticky input form.
+function follow(turn) {
+  turn.scrollIntoView({ block: "end" });
 }
 
 // Server-sent events from a fetch body: calls onData with each event's data.
@@ -200,10 +230,15 @@ async function send(question) {
       if (data === "[DONE]") return;
       const chunk = JSON.parse(data);
       if (chunk.error) throw new Error(chunk.error.message);
+      if (!chunk.choices.length) return;  // a usage chunk
       const delta = chunk.choices[0].delta || {};
       if (delta.content) answerNode.textContent += delta.content;
-      if (chunk.rag && chunk.rag.sources) renderSources(turn, chunk.rag.sources, "");
-      if (chunk.choices[0].finish_reason) final = chunk.rag || {};
+      if (chunk.rag && chunk.rag.sources) renderSources(turn, chunk.rag.sources, "", chunk.rag.cut);
+      if (chunk.choices[0].finish_reason) {
+        final = chunk.rag || {};
+        turn.dataset.finish = chunk.choices[0].finish_reason;
+      }
+      if (delta.content || final) follow(turn);
     });
     turn.dataset.state = final ? "done" : "error";
     setStatus(final ? "done" : "the stream ended early", final ? "" : "error");
@@ -229,6 +264,7 @@ async function send(question) {
   } else if (turn.sources) {
     renderSources(turn, turn.sources, answer);
   }
+  follow(turn);
 }
 
 // --- search -----------------------------------------------------------------------------------
@@ -242,14 +278,15 @@ async function search(query) {
     const col = el("div", { class: "column", "data-mode": mode }, el("h3", { text: mode }));
     box.append(col);
     try {
-      const r = await api("/v1/retrieve", { method: "POST", body: JSON.stringify({ query, top_k: k, mode }) });
+      const r = await api("/v1/retrieve", { method: "POST",
+        body: JSON.stringify({ model: state.info.model, query, top_k: k, mode }) });
       const hits = (await r.json()).data;
       if (!hits.length) col.append(el("p", { text: "no results" }));
       for (const h of hits) {
         col.append(el("div", { class: "source", "data-id": h.id },
           el("div", { class: "meta" }, el("span", { class: "rank", text: "#" + h.rank }),
             el("span", { class: "title", text: h.title || h.id }),
-            el("span", { class: "score", text: "score " + fmt(h.score) })),
+            el("span", { class: "score", text: scoreText(mode, h.score), title: SCORE_HELP[mode] })),
           el("p", { class: "text", text: h.text })));
       }
     } catch (e) {
@@ -340,10 +377,16 @@ document.addEventListener("DOMContentLoaded", () => {
     }
   });
   $("stop").addEventListener("click", () => { if (state.controller) state.controller.abort(); });
-  $("new-chat").addEventListener("click", () => {
+  const newChat = () => {
     if (state.controller) state.controller.abort();
     state.history = [];
     $("conversation").replaceChildren();
+  };
+  $("new-chat").addEventListener("click", newChat);
+  $("pipeline").addEventListener("change", () => {  // another pipeline: a new conversation
+    newChat();
+    $("search-results").replaceChildren();
+    start($("pipeline").value);
   });
   $("search-form").addEventListener("submit", (e) => {
     e.preventDefault();

@@ -229,8 +229,8 @@ def test_search_tab_modes_side_by_side_and_hostile_text_inert(browser: Any, chat
         hits = httpx.post(chat_server + "/v1/retrieve", headers=headers, timeout=60,
                           json={"query": "Glorp festival in Vennic", "top_k": 5, "mode": mode}).json()["data"]
         assert [e.get_attribute("data-id") for e in by_css(col, ".source")] == [h["id"] for h in hits]
-        assert [by_css(e, ".score")[0].text for e in by_css(col, ".source")] == \
-            [f"score {fmt(h['score'])}" for h in hits]
+        shown = "fused {:.4f}" if mode == "hybrid" else "score {:.3f}"  # a fused score only orders its list
+        assert [by_css(e, ".score")[0].text for e in by_css(col, ".source")] == [shown.format(h["score"]) for h in hits]
     assert {c.get_attribute("data-mode") for c in columns} == {"dense", "bm25", "hybrid"}
     # the hostile passage shows as text: its markup is visible, nothing of it ran or rendered
     hostile = by_css(columns[0], '.source[data-id="x"]')[0]
@@ -295,3 +295,64 @@ def test_selfrag_candidates_side_by_side(browser: Any, selfrag_server: str, shot
     decision = by_css(turn, ".decision")[0].text
     assert rag["retrieval"]["decision"] in decision and "critic prompted" in decision
     browser.save_screenshot(str(shots / "selfrag.png"))
+
+
+@pytest.fixture(scope="module")
+def two_server(index: Path, hf_smollm: Any) -> Iterator[str]:
+    """Two pipelines on one server: ``tight`` (hybrid, three passages for a context budget that
+    holds one, six tokens) and ``roomy`` (dense, forty tokens)."""
+    from rag.retriever import open_retriever
+
+    tight = ChatRagPipeline(ChatPipelineConfig(
+        name="tight", retrieval={"mode": "hybrid", "top_k": 3, "context_chars": 40},
+        prompt={"format": "hf_template", "context_position": "user"}, generation={"max_new_tokens": 6}),
+        hf_smollm, open_retriever(index, "hybrid"))
+    roomy = ChatRagPipeline(ChatPipelineConfig(
+        name="roomy", retrieval={"mode": "dense", "top_k": 2},
+        prompt={"format": "hf_template", "context_position": "user"}, generation={"max_new_tokens": 40}),
+        hf_smollm, DenseRetriever.from_folder(index))
+    with running(create_app([tight, roomy])) as base:
+        yield base
+
+
+def finish(turn: Any) -> Any:
+    wait_for(lambda: turn.get_attribute("data-state") != "streaming", 120, "the answer")
+    assert turn.get_attribute("data-state") == "done"
+    return turn
+
+
+def test_narrow_page_picker_follows_the_answer_and_says_what_was_cut(browser: Any, two_server: str,
+                                                                    shots: Path) -> None:
+    from selenium.webdriver.support.ui import Select
+
+    browser.set_window_size(420, 800)
+    try:
+        browser.get(two_server + "/")
+        wait_for(lambda: by_css(browser, "#picker")[0].is_displayed(), 10, "the pipeline picker")
+        header = by_css(browser, "#model")[0].text
+        assert "index idx" in header and "hf" not in header.split(" · ")[0]  # kind, model, index named
+        assert "SmolLM2" in by_css(browser, "#model")[0].get_attribute("title")
+        assert browser.execute_script("return document.documentElement.scrollWidth <= window.innerWidth")
+        for q in (QUESTION, "Where is the Nile?", "Who wrote Hamlet, and when?"):
+            turn = finish(ask(browser, q))
+        # the third answer ends above the sticky input form, not under it
+        answer_bottom = browser.execute_script(
+            "return arguments[0].querySelector('.assistant').getBoundingClientRect().bottom", turn)
+        form_top = browser.execute_script("return document.getElementById('chat-form').getBoundingClientRect().top")
+        assert answer_bottom <= form_top + 1, (answer_bottom, form_top)
+        assert turn.get_attribute("data-finish") == "length"
+        assert "cut at max tokens" in browser.execute_script(
+            "return getComputedStyle(arguments[0].querySelector('.assistant'), '::after').content", turn)
+        assert len(by_css(turn, ".sources .source")) == 1
+        assert "2 more retrieved passages did not fit" in by_css(turn, ".sources .note")[0].text
+        assert by_css(turn, ".sources .score")[0].text.startswith("fused ")
+        browser.save_screenshot(str(shots / "narrow.png"))
+
+        Select(by_css(browser, "#pipeline")[0]).select_by_value("roomy")
+        wait_for(lambda: "dense" in by_css(browser, "#model")[0].text, 10, "the other pipeline")
+        assert not by_css(browser, ".turn")  # a new conversation
+        turn = finish(ask(browser, QUESTION))
+        assert len(by_css(turn, ".sources .source")) == 2 and not by_css(turn, ".sources .note")
+        assert by_css(turn, ".sources .score")[0].text.startswith("score ")
+    finally:
+        browser.set_window_size(1280, 1000)

@@ -134,6 +134,8 @@ class _Chunks:
             sources: dict[str, Any] = {"sources": [h.to_json() for h in event.hits]}
             if event.retrieval is not None:
                 sources["retrieval"] = event.retrieval.model_dump()
+            if event.cut:
+                sources["cut"] = event.cut
             yield self.chunk({}, rag=sources)
         elif isinstance(event, DoneEvent):
             answer = event.answer
