@@ -101,7 +101,7 @@ class ScriptedGenerator(TokenizerOps):
         return self.default(prompt) if callable(self.default) else self.default
 
     async def agenerate(self, prompts: Sequence[Prompt], params: GenerationParams) -> list[Generation]:
-        texts = [p if isinstance(p, str) else self.decode(p) for p in prompts]
+        texts = [p if isinstance(p, str) else self.decode(self.checked_ids(p, params)) for p in prompts]
         with self._calls_lock:
             self.calls.append(texts)
         if self.delay_s:

@@ -143,3 +143,31 @@ def test_openapi_404_405_and_metrics_by_route_template(app: Any) -> None:
     assert send(app, "GET", "/v1/chat/completions").json()["error"]["message"] == "Method Not Allowed"
     metrics = send(app, "GET", "/metrics").text
     assert 'route="unmatched",status="404"} 5.0' in metrics and "/probe/" not in metrics
+
+
+@pytest.mark.parametrize(("prompt", "needle"), [([], "1 to 64 prompts"), ([[]], "the prompt is empty"),
+                                                ([[1, 2], [3, 10**6]], "outside this model's vocabulary")])
+def test_empty_and_out_of_vocabulary_token_prompts_are_400(app: Any, prompt: Any, needle: str) -> None:
+    r = send(app, "POST", "/v1/completions", {"model": "docs", "prompt": prompt, "max_tokens": 2})
+    assert r.status_code == 400 and needle in r.json()["error"]["message"], r.text
+
+
+def test_probes_can_need_the_key_too() -> None:
+    open_app = create_app(_pipe("docs", "x"), api_key="k")
+    assert send(open_app, "GET", "/metrics").status_code == 200
+    private = create_app(_pipe("docs", "x"), api_key="k", private_probes=True)
+    assert send(private, "GET", "/metrics").status_code == 401 and send(private, "GET", "/health").status_code == 401
+    assert send(private, "GET", "/").status_code == 200  # the page holds nothing secret
+
+
+def test_a_folder_linked_into_runs_is_not_served(tmp_path: Any) -> None:
+    outside, runs = tmp_path / "outside", tmp_path / "runs"
+    (outside / "secret").mkdir(parents=True)
+    (outside / "secret" / "report.md").write_text("# secret\n")
+    (runs / "mine").mkdir(parents=True)
+    (runs / "mine" / "report.md").write_text("# mine\n")
+    (runs / "linked").symlink_to(outside / "secret", target_is_directory=True)
+    app = create_app(_pipe("docs", "x"), runs_dir=runs)
+    assert [r["name"] for r in send(app, "GET", "/v1/runs").json()["data"]] == ["mine"]
+    assert send(app, "GET", "/v1/runs/file?run=linked&name=report.md").status_code == 404
+    assert send(app, "GET", "/v1/runs/file?run=mine&name=report.md").text == "# mine\n"
