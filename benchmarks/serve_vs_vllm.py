@@ -1,9 +1,10 @@
 """`rag serve` (retrieval + vLLM) against `vllm serve` on the same model and the same final
 prompts, streaming, at several concurrency levels; also `rag serve` on the transformers backend
-and `rag serve` without streaming. Loopback only; one server at a time (they share the cores).
+and `rag serve` without streaming, and both servers with structured outputs (``response_format``
+json_schema). Loopback only; one server at a time (they share the cores).
 
     .venv/bin/python benchmarks/serve_vs_vllm.py [--levels 1,16,64] [--tokens 48] [--skip-hf]
-        [--hf-levels 1,16] [--skip-vllm]
+        [--hf-levels 1,16] [--skip-vllm] [--structured-level 16]
 
 Every request generates exactly ``--tokens`` tokens (``min_tokens`` = ``max_tokens``, which both
 servers accept), so tokens/s compare like for like. The prompts vLLM gets are the final prompts
@@ -37,6 +38,12 @@ prompt: {{format: hf_template, context_position: user}}
 generation: {{max_new_tokens: 48}}
 """
 REQUESTS = {1: 12, 16: 48, 64: 128}
+#: The structured-output row: JSON requests constrained to this schema (vLLM's structured outputs
+#: in both servers), without min_tokens (the grammar decides where the text ends).
+SCHEMA = {"type": "json_schema", "json_schema": {"name": "answer", "schema": {
+    "type": "object", "properties": {"answer": {"type": "string", "maxLength": 120},
+                                     "module": {"type": "string", "maxLength": 40}},
+    "required": ["answer", "module"]}}}
 
 
 def free_port() -> int:
@@ -159,6 +166,8 @@ def main() -> None:
     ap.add_argument("--skip-hf", action="store_true")
     ap.add_argument("--hf-levels", default="1,16")
     ap.add_argument("--skip-vllm", action="store_true", help="only rag serve on transformers")
+    ap.add_argument("--structured-level", type=int, default=16,
+                    help="concurrency of the structured-output (json_schema) row, 0: none")
     args = ap.parse_args()
     levels = [int(x) for x in args.levels.split(",")]
     index, model, work = pydoc_setup("serve_vs_vllm")
@@ -185,6 +194,11 @@ def main() -> None:
             bodies = [{"model": "m", "prompt": p, **fixed} for p in prompts[: REQUESTS.get(c, 2 * c)]]
             asyncio.run(level(base + "/v1/completions", bodies[:2], 2, True))  # warm-up
             record("vllm serve", "stream", c, asyncio.run(level(base + "/v1/completions", bodies, c, True)))
+            if c == args.structured_level:
+                schema_bodies = [{"model": "m", "prompt": p, "max_tokens": args.tokens, "temperature": 0,
+                                  "response_format": SCHEMA} for p in prompts[: REQUESTS.get(c, 2 * c)]]
+                record("vllm serve", "json_schema", c, asyncio.run(level(base + "/v1/completions", schema_bodies,
+                                                                         c, False)))
     finally:
         if proc:
             stop(proc)
@@ -211,6 +225,10 @@ def main() -> None:
                 record(name, "stream", c, asyncio.run(level(base + "/v1/chat/completions", bodies, c, True)))
                 if c == 16:
                     record(name, "json", c, asyncio.run(level(base + "/v1/chat/completions", bodies, c, False)))
+                if c == args.structured_level and backend == "vllm":  # transformers refuses response_format
+                    schema_bodies = [{**b, "min_tokens": 0, "response_format": SCHEMA} for b in bodies]
+                    record(name, "json_schema", c, asyncio.run(level(base + "/v1/chat/completions", schema_bodies,
+                                                                     c, False)))
             import httpx
 
             m = httpx.get(base + "/metrics").text
@@ -232,6 +250,10 @@ def main() -> None:
             print(f"c={c}: output tok/s rag/vllm = {r['tok/s'] / v['tok/s']:.2f} (target >= 0.9); "
                   f"ttft p50 {r['ttft_p50']:.3f}s vs budget {budget:.3f}s "
                   f"(vllm {v['ttft_p50']:.3f}s + retrieval + 50 ms)")
+        vs, rs = by.get(("vllm serve", "json_schema", c)), by.get(("rag serve (vllm)", "json_schema", c))
+        if vs and rs:
+            print(f"c={c} json_schema: req/s rag/vllm = {rs['req/s'] / vs['req/s']:.2f}, "
+                  f"latency p50 {rs['lat_p50']:.2f}s vs {vs['lat_p50']:.2f}s")
 
 
 if __name__ == "__main__":

@@ -168,8 +168,9 @@ class TransformersGenerator(TokenizerOps):
     # --- requests (any thread / event loop) -------------------------------------------------
 
     def alive(self) -> bool:
-        """False when the worker thread was started and is gone (closed, or crashed)."""
-        return self._model is None or (self._worker is not None and self._worker.is_alive())
+        """False once closed (until loaded again), or when the worker thread has died."""
+        worker = self._worker
+        return not self._cancel_all.is_set() and (worker is None or worker.is_alive())
 
     def limits(self) -> tuple[int, int]:
         model = self.model

@@ -1,17 +1,21 @@
-"""OpenAI-compatible HTTP service over one pipeline (FastAPI), laid out after vLLM's
+"""OpenAI-compatible HTTP service over one or several pipelines (FastAPI), laid out after vLLM's
 ``entrypoints/openai``:
 
 - `rag.server.app`: assembles the app (limits, middleware, errors, routers); `rag.server.run`
   serves it on uvicorn; `rag.server.middleware`: API key, body size, security headers, metrics.
-- `rag.server.protocol`: request and response models, `ServiceLimits`.
+- `rag.server.state`: the served pipelines by model name (a request's ``model`` picks one).
+- `rag.server.protocol`: strict request and response models (every field honoured, accepted as
+  harmless, or refused), `ServiceLimits`; `rag.server.sampling`: request fields to settings.
 - `rag.server.admission`: the in-flight bound, per-request timeouts, disconnects, shutdown.
 - `rag.server.errors`: one handler; each error class answers with its own status.
 - `rag.server.routers`: ``chat`` (``POST /v1/chat/completions``, JSON or SSE), ``completions``
-  (``POST /v1/completions``: the model itself), ``retrieve`` (``POST /v1/retrieve``), ``models``
+  (``POST /v1/completions``: the model itself, echo, list prompts), ``embeddings``
+  (``POST /v1/embeddings``), ``tokens`` (``POST /tokenize``, ``/detokenize``), ``retrieve``
+  (``POST /v1/retrieve``), ``models``
   (``GET /v1/models``, ``GET /v1/info``), ``runs`` (the playground ``GET /`` and eval reports
   under ``GET /v1/runs``), ``health`` (``GET /health``, ``GET /metrics``).
 
-Generation runs on the pipeline's engine (vLLM's async engine batches concurrent requests
+Generation runs on each pipeline's engine (vLLM's async engine batches concurrent requests
 continuously; the transformers backend batches them on its worker). Streaming and non-streaming
 requests share one admission bound (``max_inflight``; past it 429 with ``Retry-After``) and one
 per-request timeout (504 for JSON; an error event, then ``[DONE]``, for SSE). A client that goes

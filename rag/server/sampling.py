@@ -123,3 +123,13 @@ def check_structured(params: GenerationParams, generator: Generator | None, kind
         raise HTTPError(400, "response_format needs structured outputs, which this pipeline's generator backend "
                              "lacks; serve a pipeline with generator.backend vllm", param="response_format",
                         code="unsupported_field")
+
+
+def check_stream_options(req: SamplingRequest) -> bool:
+    """Whether a stream ends with a usage chunk (``stream_options.include_usage``); 400 for
+    ``stream_options`` without ``stream``, as OpenAI answers."""
+    if req.stream_options is None:
+        return False
+    if not req.stream:
+        raise HTTPError(400, "stream_options is only allowed when stream is true", param="stream_options")
+    return req.stream_options.include_usage

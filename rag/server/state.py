@@ -22,16 +22,18 @@ from rag.types import GenerationParams
 
 @dataclass(frozen=True)
 class Served:
-    """One served pipeline: the name clients pass as ``model`` and its generation defaults
-    (None: no generator)."""
+    """One served pipeline: the name clients pass as ``model``, its kind and its generation
+    defaults (None: no generator), read once at start."""
 
     name: str
     pipeline: Pipeline
+    kind: str
     generation: GenerationParams | None
 
     @classmethod
     def of(cls, name: str, pipeline: Pipeline) -> Served:
-        return cls(name, pipeline, pipeline.info().generation)
+        info = pipeline.info()
+        return cls(name, pipeline, info.kind, info.generation)
 
 
 @dataclass

@@ -105,6 +105,34 @@ def test_chat_logprobs_on_vllm(server: tuple[str, Any]) -> None:
                for t in content)
 
 
+def test_langchain_chat_openai_structured_output_tools_and_embeddings(server: tuple[str, Any]) -> None:
+    """Clients nobody here wrote: LangChain's ChatOpenAI and OpenAIEmbeddings."""
+    from langchain_core.tools import tool
+    from langchain_openai import ChatOpenAI, OpenAIEmbeddings
+
+    from rag.embedding import SentenceTransformerEmbedder
+
+    base, _ = server
+    llm = ChatOpenAI(base_url=base + "/v1", api_key="none", model="rag-b", temperature=0, max_retries=0)
+    city = llm.with_structured_output(City, method="json_schema").invoke("Name a city in France as JSON.")
+    assert isinstance(city, City)
+
+    @tool
+    def weather(place: str) -> str:
+        """The weather at a place."""
+        return "sunny"
+
+    with pytest.raises(openai.BadRequestError, match="tools is not supported"):
+        llm.bind_tools([weather]).invoke("What is the weather in Paris?")
+    with pytest.raises(openai.BadRequestError, match="tool"):  # no silent None any more
+        llm.with_structured_output(City, method="function_calling").invoke("A city in France?")
+    emb = OpenAIEmbeddings(base_url=base + "/v1", api_key="none", model="rag-a", check_embedding_ctx_length=False)
+    got = emb.embed_documents(["Zorblax Prize", "underwater violin"])
+    want = SentenceTransformerEmbedder("all-MiniLM-L6-v2").encode_queries(["Zorblax Prize", "underwater violin"])
+    assert [len(v) for v in got] == [384, 384]
+    assert max(abs(a - b) for row, wrow in zip(got, want, strict=True) for a, b in zip(row, wrow, strict=True)) < 1e-5
+
+
 def test_an_engine_killed_under_the_server_turns_health_and_requests_into_503(server: tuple[str, Any]) -> None:
     base, proc = server
     assert httpx.get(base + "/health").status_code == 200

@@ -24,11 +24,11 @@ from rag.server.protocol import (
     ChunkChoice,
     RagExtension,
     RagOptions,
-    SamplingRequest,
     UsageOut,
 )
 from rag.server.sampling import (
     chat_messages,
+    check_stream_options,
     check_structured,
     check_top_k,
     generation_params,
@@ -42,16 +42,6 @@ router = APIRouter()
 
 def _usage(answer: Answer) -> UsageOut:
     return UsageOut.of(answer.usage.prompt_tokens, answer.usage.completion_tokens)
-
-
-def check_stream_options(req: SamplingRequest) -> bool:
-    """Whether a stream ends with a usage chunk (``stream_options.include_usage``); 400 for
-    ``stream_options`` without ``stream``, as OpenAI answers."""
-    if req.stream_options is None:
-        return False
-    if not req.stream:
-        raise HTTPError(400, "stream_options is only allowed when stream is true", param="stream_options")
-    return req.stream_options.include_usage
 
 
 @router.post("/v1/chat/completions", response_model=None)
@@ -93,7 +83,7 @@ def _params(req: ChatRequest, served: Served, state: ServerState) -> GenerationP
         refuse_unsupported(req)
         return None
     params = generation_params(req, served.generation, state.limits)
-    kind = served.pipeline.info().kind
+    kind = served.kind
     check_structured(params, served.pipeline.generator, kind)
     if req.top_logprobs is not None and not req.logprobs:
         raise HTTPError(400, "top_logprobs needs logprobs: true", param="top_logprobs")

@@ -26,8 +26,7 @@ from rag.server.protocol import (
     ServiceLimits,
     UsageOut,
 )
-from rag.server.routers.chat import check_stream_options
-from rag.server.sampling import check_structured, check_text, generation_params
+from rag.server.sampling import check_stream_options, check_structured, check_text, generation_params
 from rag.server.state import State
 from rag.types import Generation, GenerationChunk, GenerationParams
 
