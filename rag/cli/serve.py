@@ -26,7 +26,7 @@ def serve(
     private_probes: Annotated[bool, typer.Option(
         help="/health and /metrics need the API key too (default: public, like the page)")] = False,
 ) -> None:
-    """Serve a pipeline over an OpenAI-compatible HTTP API and a playground page at /
+    """Serve one or more pipelines over an OpenAI-compatible HTTP API and a playground page at /
     (RAG_API_KEY enables auth)."""
     from rag.server import ServiceLimits
     from rag.server import serve as run_server

@@ -154,11 +154,6 @@ class OpenAIGenerator(TokenizerOps):
                                 "temperature": params.temperature, "top_p": params.top_p, "stream": stream}
         if params.seed is not None:
             body["seed"] = params.seed
-        if params.json_schema is not None:
-            body["response_format"] = {"type": "json_schema",
-                                       "json_schema": {"name": "output", "schema": params.json_schema}}
-        elif params.json_object:
-            body["response_format"] = {"type": "json_object"}
         if params.stop:
             body["stop"] = params.stop
         extra: dict[str, Any] = {}
@@ -186,6 +181,11 @@ class OpenAIGenerator(TokenizerOps):
             body["logprobs"] = self.top_logprobs_cap  # the options, when they are in the top k
         else:
             body["logprobs"] = max(params.top_logprobs, 1)
+        if params.json_schema is not None:  # not an argument of the SDK's completions.create
+            extra["response_format"] = {"type": "json_schema",
+                                        "json_schema": {"name": "output", "schema": params.json_schema}}
+        elif params.json_object:
+            extra["response_format"] = {"type": "json_object"}
         if extra:
             body["extra_body"] = extra
         return body

@@ -72,6 +72,8 @@ def test_two_pipelines_one_engine_picked_by_model(server: tuple[str, Any]) -> No
     with pytest.raises(openai.NotFoundError) as e:
         client(base).chat.completions.create(model="rag-c", messages=question)
     assert e.value.code == "model_not_found"
+    with pytest.raises(openai.BadRequestError, match="context of 1024 tokens"):  # vLLM's own limit, a 400
+        client(base).completions.create(model="rag-b", prompt=[100] * 1020, max_tokens=8)
 
 
 class City(BaseModel):

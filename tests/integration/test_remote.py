@@ -76,6 +76,22 @@ def test_generations_equal_the_engine_in_process(remote_smollm: Any, vllm_smollm
             assert [x[i] for i in sorted(x)] == pytest.approx([y[i] for i in sorted(y)], abs=1e-4)
 
 
+def test_structured_outputs_over_a_remote_vllm_equal_in_process(remote_smollm: Any, vllm_smollm: Any,
+                                                                 hf_smollm: Any) -> None:
+    """``json_schema`` reaches a remote vLLM as ``response_format``: the same constrained text as
+    the engine in-process; the transformers backend refuses it instead of ignoring it."""
+    schema = {"type": "object", "properties": {"city": {"type": "string", "maxLength": 20}}, "required": ["city"]}
+    prompt = vllm_smollm.render_chat([{"role": "user", "content": "Name a city in France."}])
+    params = GenerationParams(max_new_tokens=24, json_schema=schema)
+    (local,), (remote,) = vllm_smollm.generate([prompt], params), remote_smollm.generate([prompt], params)
+    assert remote_smollm.structured_outputs and remote.text == local.text
+    if local.finish_reason == "stop":
+        assert set(json.loads(local.text)) == {"city"}
+    assert local.text.lstrip().startswith("{")
+    with pytest.raises(ConfigError, match="cannot constrain its output to JSON"):
+        hf_smollm.generate([prompt], params)
+
+
 @pytest.mark.parametrize("server", ["vllm", "rag"])
 def test_sciphi_flow_and_prompted_critic_over_a_server(server: str, index: Path,
                                                        request: pytest.FixtureRequest) -> None:

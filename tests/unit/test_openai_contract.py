@@ -171,3 +171,20 @@ def test_a_folder_linked_into_runs_is_not_served(tmp_path: Any) -> None:
     assert [r["name"] for r in send(app, "GET", "/v1/runs").json()["data"]] == ["mine"]
     assert send(app, "GET", "/v1/runs/file?run=linked&name=report.md").status_code == 404
     assert send(app, "GET", "/v1/runs/file?run=mine&name=report.md").text == "# mine\n"
+
+
+def test_health_is_503_when_an_index_cannot_be_read() -> None:
+    from rag.errors import IndexCorruptError
+
+    pipe = _pipe("docs", "x")
+
+    def unreadable() -> Any:
+        raise IndexCorruptError("idx/passages.db: damaged")
+
+    app = create_app([pipe, _pipe("wiki", "y")])
+    assert send(app, "GET", "/health").status_code == 200
+    pipe.retriever.describe = unreadable  # type: ignore[union-attr,method-assign]
+    health = send(app, "GET", "/health")
+    assert health.status_code == 503 and health.json()["status"] == "error"
+    by_model = {p["model"]: p for p in health.json()["pipelines"]}
+    assert not by_model["docs"]["ok"] and "damaged" in by_model["docs"]["error"] and by_model["wiki"]["ok"]
