@@ -143,7 +143,7 @@ def final_prompts(index: Path, work: Path, n: int) -> list[str]:
     f.write_text(PIPELINE.format(backend="hf"))
     pipe = build_pipeline(load_pipeline_config(f), index=index)
     prepared = asyncio.run(pipe.prepare([[ChatMessage(role="user", content=q)] for q in QUESTIONS]))
-    return [prepared[i % len(QUESTIONS)][0] for i in range(n)]
+    return [prepared[i % len(QUESTIONS)].prompt for i in range(n)]
 
 
 def pydoc_setup(name: str) -> tuple[Path, str, Path]:

@@ -140,6 +140,15 @@ class RetrievalConfig(_Config):
     top_k: int = Field(10, ge=1, le=1000, description="passages retrieved per query")
     context_chars: int = Field(2048, ge=1, description="character budget of the context string")
     device: Literal["auto", "cpu", "gpu"] = "auto"
+    query: Literal["last_turn", "history", "rewrite"] = Field(
+        "last_turn", description="what a conversation is searched with: the last user turn (SciPhi's rule); "
+        "history: that ranking fused with one searched by the last turn joined to the messages before it "
+        "(no model call); "
+        "rewrite: the generator rewrites the conversation into a standalone question")
+    history_weight: float = Field(0.2, ge=0.0, le=1.0, description="history: the joined turns' ranking's "
+                                  "weight in the fusion (the last turn's gets 1 - this)")
+    history_messages: int = Field(2, ge=0, description="history: the user and assistant messages before the "
+                                  "last turn that join it in the second query (0: every earlier user turn)")
 
 
 class GeneratorConfig(_Config):
@@ -241,7 +250,16 @@ class ChatPipelineConfig(_Generating):
     """``kind: chat`` (the default): the SciPhi chat flow over any chat format."""
 
     kind: Literal["chat"] = "chat"
-    query_rewrite: bool = Field(False, description="ask the model for a search query first")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _query_rewrite(cls, data: Any) -> Any:
+        """``query_rewrite: true`` (older files) is ``retrieval.query: rewrite``."""
+        if isinstance(data, dict) and "query_rewrite" in data:
+            data = dict(data)
+            if data.pop("query_rewrite"):
+                data["retrieval"] = {**(data.get("retrieval") or {}), "query": "rewrite"}
+        return data
 
     @model_validator(mode="after")
     def _sciphi_stop_token(self) -> ChatPipelineConfig:
@@ -261,6 +279,13 @@ class SelfRagPipelineConfig(_Generating):
     kind: Literal["selfrag"]
     selfrag: SelfRagSettings = SelfRagSettings()
 
+    @model_validator(mode="after")
+    def _question_only(self) -> SelfRagPipelineConfig:
+        if self.retrieval.query != "last_turn":
+            raise ValueError("retrieval.query must be last_turn for kind: selfrag (the decoder searches with "
+                             "the question; history and rewrite are chat and retrieval strategies)")
+        return self
+
     @model_validator(mode="before")
     @classmethod
     def _task_preset(cls, data: Any) -> Any:
@@ -277,6 +302,13 @@ class RetrievalPipelineConfig(_PipelineBase):
     """``kind: retrieval``: ranked hits, no generator."""
 
     kind: Literal["retrieval"]
+
+    @model_validator(mode="after")
+    def _no_rewrite(self) -> RetrievalPipelineConfig:
+        if self.retrieval.query == "rewrite":
+            raise ValueError("retrieval.query: rewrite needs a generator, and a retrieval pipeline has none; "
+                             "use last_turn or history")
+        return self
 
 
 PIPELINE_KINDS = {"chat": ChatPipelineConfig, "selfrag": SelfRagPipelineConfig,

@@ -175,6 +175,7 @@ class Trace(_Frozen):
 
     prompt: str | None = None
     raw_completion: str | None = None
+    query: str | None = Field(None, description="what was searched (retrieval.query; history: 'last || joined')")
     critic: str | None = None
     best_candidate: int | None = None
     tree: list[TreeNode] = Field(default_factory=list)
@@ -237,6 +238,7 @@ class SourcesEvent(_Frozen):
     hits: list[Hit]
     retrieval: RetrievalDecision | None = None
     cut: int = Field(0, ge=0, description="passages retrieved but left out: the context budget was full")
+    query: str | None = Field(None, description="what was searched (the pipeline's query strategy)")
 
 
 class TextEvent(_Frozen):

@@ -1,5 +1,6 @@
 """Question-set loaders: Self-RAG eval JSONL, FlashRAG, SQuAD v1.1, NQ-open, BEIR, ARC, ALCE
-(ASQA) JSON, TSV.
+(ASQA) JSON, TSV, and conversational sets (MTRAG's layout: every user turn with the conversation
+so far).
 
 Every loader returns `EvalItem`s; a malformed record raises `CorpusError` with file and line.
 """
@@ -16,9 +17,12 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from rag.corpus import json_lines, squad_passage_id
 from rag.errors import CorpusError
-from rag.types import Passage
+from rag.types import ChatMessage, Passage
 
-FORMATS = ("auto", "selfrag", "flashrag", "squad", "nq", "beir", "arc", "alce", "factscore", "tsv")
+FORMATS = ("auto", "selfrag", "flashrag", "squad", "nq", "beir", "arc", "alce", "factscore", "tsv",
+           "conversations")
+#: A conversational turn's type, from MTRAG's ``multi_turn`` field (the first turn is ``first``).
+TURN_TYPES = {"follow-up": "follow-up", "clarification": "clarification", "n/a": "first"}
 #: ARC's numeric labels (a few AI2 questions use 1-4) as the letters the prompts use
 ARC_LABELS = {"1": "A", "2": "B", "3": "C", "4": "D", "5": "E"}
 
@@ -38,6 +42,12 @@ class EvalItem(BaseModel):
     ctxs: list[Passage] | None = Field(None, description="pre-retrieved passages")
     extra: dict[str, Any] = Field(default_factory=dict, description="the record's other fields, "
                                   "kept for scorers that read them (ALCE's qa_pairs, FactScore's topic)")
+    messages: list[ChatMessage] | None = Field(None, description="a conversational turn: the conversation "
+                                               "so far, ending with the question (answered as given)")
+    group: str | None = Field(None, description="the item's kind for per-group measures (a turn's type: "
+                                                "first, follow-up, clarification)")
+    long_answers: bool = Field(False, description="the gold answers are long: no exact match, token F1 "
+                                                  "and ROUGE-L instead")
 
     @property
     def judgments(self) -> dict[str, int]:
@@ -47,6 +57,10 @@ class EvalItem(BaseModel):
     @property
     def closed(self) -> bool:
         return self.choices is not None
+
+    def conversation(self, layout: str = "as_given") -> list[ChatMessage]:
+        """What the pipeline is asked: the conversation so far, or the question as one user turn."""
+        return self.messages or [ChatMessage(role="user", content=self.prompt_text(layout))]
 
     def prompt_text(self, layout: str = "as_given") -> str:
         """The question as a pipeline sees it, choices listed for multiple choice: as given, or in
@@ -66,9 +80,11 @@ def detect_format(path: str | Path) -> str:
     if not p.exists():
         raise CorpusError(f"question set not found: {p}")
     if p.is_dir():
+        if (p / "conversations.jsonl").exists():
+            return "conversations"
         if (p / "queries.jsonl").exists():
             return "beir"
-        raise CorpusError(f"{p} is a folder without queries.jsonl; give a question file")
+        raise CorpusError(f"{p} is a folder without queries.jsonl or conversations.jsonl; give a question file")
     if p.name == "queries.jsonl" and (p.parent / "qrels").exists():
         return "beir"
     if p.suffix == ".tsv":
@@ -268,8 +284,36 @@ def _tsv(path: Path) -> Iterator[EvalItem]:
             yield EvalItem(id=str(lineno), question=row[0], answers=answers)
 
 
+def _conversations(path: Path) -> Iterator[EvalItem]:
+    """A conversational folder: ``conversations.jsonl`` (one line per user turn: ``id``,
+    ``messages`` ending with that turn, ``golden_answers``, ``multi_turn``) and ``qrels.tsv``
+    (BEIR layout, by turn id; else the lines' ``gold_passages``)."""
+    from rag.eval.retrieval import read_qrels
+
+    folder = path if path.is_dir() else path.parent
+    file = folder / "conversations.jsonl"
+    judged = read_qrels(folder / "qrels.tsv") if (folder / "qrels.tsv").exists() else {}
+    for lineno, o in _jsonl(file):
+        raw = _need(o, "messages", file, lineno, list)
+        try:
+            messages = [ChatMessage.model_validate(m) for m in raw]
+        except ValueError as e:
+            raise CorpusError(f"'messages' is not a list of {{role, content}}: {e}", source=str(file),
+                              line=lineno) from None
+        if not messages or messages[-1].role != "user":
+            raise CorpusError("'messages' must end with the user turn to answer", source=str(file), line=lineno)
+        qid = str(_need(o, "id", file, lineno, (str, int)))
+        qrels = judged.get(qid) or dict.fromkeys(o.get("gold_passages") or [], 1)
+        kind = str(o.get("multi_turn") or ("n/a" if len(messages) == 1 else "follow-up")).lower()
+        yield EvalItem(id=qid, question=messages[-1].content, messages=messages, long_answers=True,
+                       answers=_answers(o.get("golden_answers") or o.get("answers") or []),
+                       gold_ids=[d for d, r in qrels.items() if r > 0], qrels=qrels,
+                       group=TURN_TYPES.get(kind, kind),
+                       extra={k: v for k, v in _extra(o).items() if k not in ("messages", "golden_answers")})
+
+
 _LOADERS = {"selfrag": _selfrag, "flashrag": _flashrag, "squad": _squad, "nq": _nq, "beir": _beir,
-            "arc": _arc, "alce": _alce, "factscore": _factscore, "tsv": _tsv}
+            "arc": _arc, "alce": _alce, "factscore": _factscore, "tsv": _tsv, "conversations": _conversations}
 
 
 def load_dataset(path: str | Path, format: str = "auto", *, limit: int | None = None,

@@ -153,6 +153,12 @@ def blocks(out: Path, summary: dict[str, Any], records: Mapping[str, Sequence[Ev
                                f"{p['metrics'][n]['ci95'][1]:.3f}]") if n in p["metrics"] else "–" for n in names],
              f"{p['seconds_per_question']:.3f}"] for p in pipes]
     doc.append(("table", (header, rows)))
+    grouped = [(p["pipeline"], g, s) for p in pipes for g, s in (p.get("by_group") or {}).items()]
+    if grouped:  # per turn type (conversational sets)
+        doc.append(("p", "By question group (a conversational set's turn types):"))
+        doc.append(("table", (["pipeline", "group", "n", *names], [
+            [name, g, s["n"], *[f"{s['metrics'][n]['mean']:.3f}" if n in s["metrics"] else "–" for n in names]]
+            for name, g, s in grouped])))
     for p in pipes:
         if p.get("judge"):
             j = p["judge"]

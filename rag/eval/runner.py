@@ -36,7 +36,7 @@ from rag.eval.records import PREDICTIONS, EvalRecord, append_predictions, read_p
 from rag.eval.retrieval import MEASURES, per_query, run_from_records, write_run
 from rag.generation import Generator
 from rag.pipeline import Pipeline
-from rag.types import Answer, ChatMessage, Hit, Passage
+from rag.types import Answer, Hit, Passage
 
 if TYPE_CHECKING:
     from rag.eval.judge import AnswerJudge
@@ -58,6 +58,8 @@ def score_item(item: EvalItem, answer: Answer, *, answer_metrics: bool = True,
 
             m["accuracy"] = float(normalise_closed_answer(pred, item.choices) == item.answer_key)
             m["match"] = match(pred, [item.answer_key])  # the key alone; never a normalised one-letter match
+        elif item.long_answers:  # long references: token overlap, never exact match
+            m["f1"] = f1(pred, item.answers)
         else:
             m.update(em=exact_match(pred, item.answers), f1=f1(pred, item.answers),
                      match=match(pred, item.answers), match_norm=match_normalized(pred, item.answers))
@@ -161,8 +163,7 @@ def run_pipeline(name: str, pipeline: Pipeline, items: Sequence[EvalItem], out: 
                 hits = [[Hit(passage=p, score=0.0, rank=i + 1) for i, p in enumerate(it.ctxs or [])]
                         for it in batch]
             t0 = time.perf_counter()
-            answers = pipeline.answer_batch([[ChatMessage(role="user", content=it.prompt_text(layout))]
-                                             for it in batch], hits=hits)
+            answers = pipeline.answer_batch([it.conversation(layout) for it in batch], hits=hits)
             per = (time.perf_counter() - t0) / len(batch)
             verdicts, checks = _judge(judging, batch, answers) if judging else ([{}] * len(batch), {})
             for it, a, verdict in zip(batch, answers, verdicts, strict=True):
@@ -301,6 +302,10 @@ def evaluate(pipeline_files: Sequence[str | Path], data: str | Path, *, format: 
                                    use_ctxs=use_ctxs, resume=resume, progress=progress,
                                    ignore_identical_ids=ignore_identical_ids, judge=judge)
             summary = summarize(records)
+            groups = {it.id: it.group for it in items if it.group}
+            if groups:  # e.g. a conversational set's first turns, follow-ups and clarifications
+                summary["by_group"] = {g: summarize([r for r in records if groups.get(r.id) == g])
+                                       for g in sorted(set(groups.values()))}
             records_of[config.name] = records
             results.append({"pipeline": config.name, "file": str(file), "config_hash": config_hash(config),
                             "kind": config.kind, "task": config_task,

@@ -21,8 +21,8 @@ if TYPE_CHECKING:
 from rag.config import PipelineConfig, RetrievalPipelineConfig
 from rag.errors import ConfigError
 from rag.generation import Generator, run_sync
-from rag.prompts import check_messages
-from rag.retriever import Retriever, query_embedder, sibling_retriever
+from rag.prompts import check_messages, last_user_message
+from rag.retriever import Retriever, fuse, query_embedder, sibling_retriever
 from rag.types import (
     Answer,
     AnswerEvent,
@@ -86,6 +86,15 @@ class Pipeline(Protocol):
     def ask(self, question: str, *, top_k: int | None = None, params: GenerationParams | None = None) -> Answer: ...
 
     def close(self) -> None: ...
+
+
+def history_query(messages: Conversation, n: int) -> str:
+    """The last user turn after the ``n`` user and assistant messages before it (0: every earlier
+    user turn), joined by spaces: the second query of ``retrieval.query: history``."""
+    last = max(i for i, m in enumerate(messages) if m.role == "user")
+    before = [m for m in messages[:last] if m.role in ("user", "assistant")]
+    before = before[-n:] if n else [m for m in before if m.role == "user"]
+    return " ".join([*(m.content for m in before), messages[last].content])
 
 
 def citations(hits: Sequence[Hit]) -> list[Citation]:
@@ -163,6 +172,38 @@ class BasePipeline:
         if start:
             threading.Thread(target=self._drain, name="rag-search", daemon=True).start()
         return await asyncio.wrap_future(future)
+
+    async def conversation_hits(self, conversations: Sequence[Conversation], k: int
+                                ) -> tuple[list[list[Hit]], list[str]]:
+        """Each conversation's top ``k`` by the pipeline's query strategy (``retrieval.query``),
+        and the query used: ``last_turn`` searches the last user turn; ``history`` fuses that
+        ranking (weight 1 - ``history_weight``) with one searched by the last turn joined to the
+        ``history_messages`` messages before it (reciprocal-rank fusion, no model call; a first
+        turn is searched once); ``rewrite`` searches
+        the generator's standalone rewrite of the conversation."""
+        r = self.config.retrieval
+        last = [last_user_message(c) for c in conversations]
+        if r.query == "rewrite":
+            queries = [await self.rewrite(c) for c in conversations]
+            return await self.asearch(queries, k), queries
+        if r.query == "last_turn":
+            return await self.asearch(last, k), last
+        joined = [history_query(c, r.history_messages) for c in conversations]
+        depth = max(2 * k, 20)
+        found = await self.asearch(last + joined, depth)
+        out = []
+        for i, (one, both) in enumerate(zip(found[: len(last)], found[len(last):], strict=True)):
+            if joined[i] == last[i]:
+                out.append(one[:k])
+                continue
+            by_id = {h.passage.id: h.passage for h in [*one, *both]}
+            fused = fuse(one, both, method="rrf", dense_weight=1.0 - r.history_weight)[:k]
+            out.append([Hit(passage=by_id[pid], score=score, rank=n + 1) for n, (pid, score) in enumerate(fused)])
+        return out, [q if j == q else f"{q} || {j}" for q, j in zip(last, joined, strict=True)]
+
+    async def rewrite(self, messages: Conversation) -> str:
+        """The conversation as a standalone search query (kinds with a generator)."""
+        raise ConfigError(f"retrieval.query: rewrite needs a generator; pipeline {self.config.name!r} has none")
 
     def _drain(self) -> None:
         """Search for everything pending, in batches, until nothing is left."""

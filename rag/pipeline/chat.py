@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 from rag.config import ChatPipelineConfig
@@ -56,6 +57,18 @@ def build_context(hits: Sequence[Hit], max_chars: int, extra_control: Sequence[s
         used.append(h)
         size += len(parts[-1]) + (1 if len(parts) > 1 else 0)
     return "\n".join(parts), used
+
+
+@dataclass(frozen=True)
+class Prepared:
+    """One conversation ready to generate: its prompt, the hits in its context, retrieval seconds,
+    how many retrieved hits the context budget left out, and the query searched (None: none)."""
+
+    prompt: str
+    hits: list[Hit]
+    retrieval_s: float
+    cut: int
+    query: str | None
 
 
 class StreamCleaner:
@@ -120,9 +133,11 @@ class ChatRagPipeline(BasePipeline):
                               "format needs (the model stops when it asks for more evidence); add it")
         return params
 
-    async def _query(self, messages: Conversation) -> str:
+    async def rewrite(self, messages: Conversation) -> str:
+        """The generator's standalone search query for the conversation (its last user turn when
+        there is no earlier turn, or when the model returns nothing)."""
         question = last_user_message(messages)
-        if not self.config.query_rewrite or len(messages) < 2:
+        if len(messages) < 2:
             return question
         convo = "\n".join(f"{m.role}: {m.content}" for m in messages if m.role != "system")
         prompt = self.format.render([ChatMessage(role="user",
@@ -131,40 +146,40 @@ class ChatRagPipeline(BasePipeline):
         return remove_cruft(g.text).splitlines()[0].strip() if g.text.strip() else question
 
     async def prepare(self, conversations: Sequence[Conversation], *, top_k: int | None = None,
-                      hits: Sequence[Sequence[Hit]] | None = None) -> list[tuple[str, list[Hit], float, int]]:
-        """Retrieve for every conversation in one batch (or take pre-retrieved ``hits``);
-        return (prompt, hits used, retrieval seconds, hits the context budget left out) per
-        conversation."""
+                      hits: Sequence[Sequence[Hit]] | None = None) -> list[Prepared]:
+        """Retrieve for every conversation in one batch by the pipeline's query strategy (or take
+        pre-retrieved ``hits``) and render each prompt."""
         k = top_k or self.config.retrieval.top_k
         for convo in conversations:
             self.validate(convo)  # before any retrieval or generation
         t0 = time.perf_counter()
         with_context = self.retriever is not None or hits is not None
         hit_lists: list[list[Hit]] = [[] for _ in conversations]
+        queries: list[str | None] = [None] * len(conversations)
         if hits is not None:
             hit_lists = [list(h)[:k] for h in hits]
         elif self.retriever is not None:
-            hit_lists = await self.asearch([await self._query(c) for c in conversations], k)
+            hit_lists, used_queries = await self.conversation_hits(conversations, k)
+            queries = list(used_queries)
         t_ret = (time.perf_counter() - t0) / max(1, len(conversations))
         out = []
-        for convo, found in zip(conversations, hit_lists, strict=True):
+        for convo, found, query in zip(conversations, hit_lists, queries, strict=True):
             context, used = (build_context(found, self.config.retrieval.context_chars,
                                            self.format.extra_control) if with_context else ("", []))
-            out.append((self.format.render(convo, context if with_context else None), used, t_ret,
-                        len(found) - len(used) if with_context else 0))
+            out.append(Prepared(self.format.render(convo, context if with_context else None), used, t_ret,
+                                len(found) - len(used), query))
         return out
 
-    def _answer(self, prompt: str, used: list[Hit], g: Generation, timings: Timings,
-                params: GenerationParams) -> Answer:
+    def _answer(self, p: Prepared, g: Generation, timings: Timings, params: GenerationParams) -> Answer:
         logprobs = None
         if params.want_logprobs:
             tops = g.top_logprobs or [{}] * len(g.token_ids)
             logprobs = [TokenLogprob(id=t, logprob=lp, top=top)
                         for t, lp, top in zip(g.token_ids, g.token_logprobs, tops, strict=False)]
-        return Answer(text=remove_cruft(g.text), citations=citations(used), hits=used,
+        return Answer(text=remove_cruft(g.text), citations=citations(p.hits), hits=p.hits,
                       usage=Usage(prompt_tokens=g.prompt_tokens, completion_tokens=len(g.token_ids)),
                       timings=timings, finish_reason=g.finish_reason, logprobs=logprobs,
-                      trace=Trace(prompt=prompt, raw_completion=g.text))
+                      trace=Trace(prompt=p.prompt, raw_completion=g.text, query=p.query))
 
     async def aanswer_batch(self, conversations: Sequence[Conversation], *, top_k: int | None = None,
                             params: GenerationParams | None = None,
@@ -173,10 +188,10 @@ class ChatRagPipeline(BasePipeline):
         params = self._params(params)
         prepared = await self.prepare(conversations, top_k=top_k, hits=hits)
         t0 = time.perf_counter()
-        gens = await self.generator.agenerate([p for p, _, _, _ in prepared], params)
+        gens = await self.generator.agenerate([p.prompt for p in prepared], params)
         t_gen = (time.perf_counter() - t0) / max(1, len(prepared))
-        return [self._answer(prompt, used, g, Timings(retrieval_s=t_ret, generation_s=t_gen), params)
-                for (prompt, used, t_ret, _), g in zip(prepared, gens, strict=True)]
+        return [self._answer(p, g, Timings(retrieval_s=p.retrieval_s, generation_s=t_gen), params)
+                for p, g in zip(prepared, gens, strict=True)]
 
     async def astream(self, messages: Conversation, *, top_k: int | None = None,
                       params: GenerationParams | None = None) -> AsyncIterator[AnswerEvent]:
@@ -184,11 +199,11 @@ class ChatRagPipeline(BasePipeline):
         iteration aborts the generation."""
         t0 = time.perf_counter()
         params = self._params(params)
-        ((prompt, used, t_ret, cut),) = await self.prepare([messages], top_k=top_k)
-        yield SourcesEvent(hits=used, cut=cut)
+        (p,) = await self.prepare([messages], top_k=top_k)
+        yield SourcesEvent(hits=p.hits, cut=p.cut, query=p.query)
         cleaner, raw, first, last = StreamCleaner(), "", None, None
         t1 = time.perf_counter()
-        async for chunk in self.generator.stream(prompt, params):
+        async for chunk in self.generator.stream(p.prompt, params):
             raw += chunk.text
             last = chunk
             new = cleaner.feed(chunk.text)
@@ -199,9 +214,9 @@ class ChatRagPipeline(BasePipeline):
         if tail:
             yield TextEvent(text=tail)
         assert last is not None and last.finish_reason is not None
-        timings = Timings(retrieval_s=t_ret, generation_s=time.perf_counter() - t1, first_token_s=first)
+        timings = Timings(retrieval_s=p.retrieval_s, generation_s=time.perf_counter() - t1, first_token_s=first)
         yield DoneEvent(answer=Answer(
-            text=cleaner.emitted, citations=citations(used), hits=used,
+            text=cleaner.emitted, citations=citations(p.hits), hits=p.hits,
             usage=Usage(prompt_tokens=last.prompt_tokens, completion_tokens=last.completion_tokens),
             timings=timings, finish_reason=last.finish_reason,
-            trace=Trace(prompt=prompt, raw_completion=raw)))
+            trace=Trace(prompt=p.prompt, raw_completion=raw, query=p.query)))

@@ -7,13 +7,12 @@ from collections.abc import Sequence
 
 from rag.config import RetrievalPipelineConfig
 from rag.pipeline import BasePipeline, Conversation, citations
-from rag.prompts import last_user_message
 from rag.retriever import Retriever
-from rag.types import Answer, GenerationParams, Hit, Timings
+from rag.types import Answer, GenerationParams, Hit, Timings, Trace
 
 
 class RetrievalPipeline(BasePipeline):
-    """Answers carry the ranked hits of the last user turn and no text: retrieval evaluation,
+    """Answers carry the ranked hits (searched by ``retrieval.query``) and no text: retrieval evaluation,
     ``rag ask`` on an index, with the same retriever objects the other pipelines use."""
 
     config: RetrievalPipelineConfig
@@ -28,8 +27,12 @@ class RetrievalPipeline(BasePipeline):
             self.validate(convo)
         k = top_k or self.config.retrieval.top_k
         t0 = time.perf_counter()
-        found = [list(h)[:k] for h in hits] if hits is not None else await self.asearch(
-            [last_user_message(c) for c in conversations], k)
+        queries: list[str | None] = [None] * len(conversations)
+        if hits is not None:
+            found = [list(h)[:k] for h in hits]
+        else:
+            found, searched = await self.conversation_hits(conversations, k)
+            queries = list(searched)
         t = (time.perf_counter() - t0) / max(1, len(conversations))
-        return [Answer(text="", hits=h, citations=citations(h), timings=Timings(retrieval_s=t))
-                for h in found]
+        return [Answer(text="", hits=h, citations=citations(h), timings=Timings(retrieval_s=t), trace=Trace(query=q))
+                for h, q in zip(found, queries, strict=True)]

@@ -125,11 +125,13 @@ function highlighted(text, answerWords) {
   return frag;
 }
 
-function renderSources(turn, sources, answer, cut) {
+function renderSources(turn, sources, answer, cut, query) {
   turn.sources = sources;
   if (cut !== undefined) turn.cut = cut;
+  if (query !== undefined) turn.query = query;
   const box = turn.querySelector(".sources");
   box.replaceChildren(el("h3", { text: "Sources (" + sources.length + ")" }));
+  if (turn.query) box.append(el("p", { class: "query", text: "searched: " + turn.query }));
   if (turn.cut) {
     box.append(el("p", { class: "note", text: turn.cut + " more retrieved passage" + (turn.cut > 1 ? "s" : "") +
       " did not fit the pipeline's context budget (retrieval.context_chars) and " + (turn.cut > 1 ? "were" : "was") +
@@ -233,7 +235,7 @@ async function send(question) {
       if (!chunk.choices.length) return;  // a usage chunk
       const delta = chunk.choices[0].delta || {};
       if (delta.content) answerNode.textContent += delta.content;
-      if (chunk.rag && chunk.rag.sources) renderSources(turn, chunk.rag.sources, "", chunk.rag.cut);
+      if (chunk.rag && chunk.rag.sources) renderSources(turn, chunk.rag.sources, "", chunk.rag.cut, chunk.rag.query);
       if (chunk.choices[0].finish_reason) {
         final = chunk.rag || {};
         turn.dataset.finish = chunk.choices[0].finish_reason;

@@ -137,7 +137,7 @@ def test_pipeline_kinds_from_yaml(tmp_path: Path) -> None:
     assert type(load_pipeline_config(f)).__name__ == "SelfRagPipelineConfig"
     f.write_text("name: c\nquery_rewrite: true\n")
     config = load_pipeline_config(f)
-    assert config.kind == "chat" and config.query_rewrite
+    assert config.kind == "chat" and config.retrieval.query == "rewrite"  # the older spelling of it
 
 
 def test_langchain_chat_model_uses_the_pipeline_batch_and_stream(memory_index: DenseRetriever) -> None:

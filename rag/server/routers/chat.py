@@ -126,6 +126,8 @@ class _Chunks:
                 sources["retrieval"] = event.retrieval.model_dump()
             if event.cut:
                 sources["cut"] = event.cut
+            if event.query is not None:
+                sources["query"] = event.query
             yield self.chunk({}, rag=sources)
         elif isinstance(event, DoneEvent):
             answer = event.answer

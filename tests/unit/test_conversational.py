@@ -1,0 +1,127 @@
+"""Conversational retrieval: the conversational question-set folder (MTRAG's layout), the query
+strategies (last turn, history fusion, rewrite) with the query recorded, and `rag eval`'s
+per-turn-type measures and long-answer F1 on a small folder made here."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from rag.config import pipeline_config
+from rag.errors import ConfigError, CorpusError
+from rag.eval.datasets import detect_format, load_dataset
+from rag.eval.metrics import f1
+from rag.generation.scripted import ScriptedGenerator, text_generation
+from rag.pipeline import ChatRagPipeline, RetrievalPipeline, history_query
+from rag.retriever import fuse
+from rag.types import ChatMessage, Passage
+from tests.unit.conftest import memory_retriever
+
+PASSAGES = [Passage(id="lin", title="Lord Linlithgow", text="Lord Linlithgow was Viceroy of India from 1936 to 1943."),
+            Passage(id="quit", title="Quit India", text="The Quit India Movement began in August 1942."),
+            Passage(id="gandhi", title="Gandhi", text="Gandhi led the Quit India Movement and was arrested."),
+            Passage(id="tea", title="Tea", text="Tea is grown in Assam and Darjeeling.")]
+TURNS = [
+    {"id": "c1_1", "conversation_id": "c1", "turn": 1, "multi_turn": "N/A",
+     "messages": [{"role": "user", "content": "who was viceroy during quit india"}],
+     "golden_answers": ["Lord Linlithgow was the Viceroy."], "gold_passages": ["lin"]},
+    {"id": "c1_2", "conversation_id": "c1", "turn": 2, "multi_turn": "Follow-up",
+     "messages": [{"role": "user", "content": "who was viceroy during quit india"},
+                  {"role": "assistant", "content": "Lord Linlithgow was the Viceroy."},
+                  {"role": "user", "content": "when did his term end?"}],
+     "golden_answers": ["His term as Viceroy ended in 1943."], "gold_passages": ["lin"]},
+    {"id": "c1_3", "conversation_id": "c1", "turn": 3, "multi_turn": "Clarification",
+     "messages": [{"role": "user", "content": "who led it"}],
+     "golden_answers": ["Gandhi led the movement."], "gold_passages": []},
+]
+
+
+def folder(tmp_path: Path) -> Path:
+    (tmp_path / "conversations.jsonl").write_text("".join(json.dumps(t) + "\n" for t in TURNS))
+    (tmp_path / "qrels.tsv").write_text("query-id\tcorpus-id\tscore\nc1_1\tlin\t1\nc1_2\tlin\t1\nc1_3\tgandhi\t1\n")
+    return tmp_path
+
+
+def test_conversational_folder_is_detected_and_read(tmp_path: Path) -> None:
+    path = folder(tmp_path)
+    assert detect_format(path) == "conversations"
+    items = load_dataset(path)
+    assert [(it.id, it.group, it.gold_ids) for it in items] == [
+        ("c1_1", "first", ["lin"]), ("c1_2", "follow-up", ["lin"]), ("c1_3", "clarification", ["gandhi"])]
+    assert items[1].conversation()[-1].content == "when did his term end?" and len(items[1].conversation()) == 3
+    assert items[1].long_answers and items[1].answers == ["His term as Viceroy ended in 1943."]
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    (bad / "conversations.jsonl").write_text(json.dumps({"id": "x", "messages": [{"role": "assistant",
+                                                                                   "content": "hi"}]}) + "\n")
+    with pytest.raises(CorpusError, match=r"conversations.jsonl:1: .messages. must end with the user turn"):
+        load_dataset(bad)
+
+
+def test_history_query_joins_the_messages_before_the_last_turn() -> None:
+    convo = [ChatMessage(**m) for m in TURNS[1]["messages"]]  # type: ignore[arg-type]
+    assert history_query(convo, 1) == "Lord Linlithgow was the Viceroy. when did his term end?"
+    assert history_query(convo, 0) == "who was viceroy during quit india when did his term end?"
+    assert history_query(convo[:1], 2) == "who was viceroy during quit india"
+
+
+def test_history_strategy_fuses_the_two_rankings_and_records_the_query() -> None:
+    retriever = memory_retriever(PASSAGES)
+    convo = [ChatMessage(**m) for m in TURNS[1]["messages"]]  # type: ignore[arg-type]
+    pipe = RetrievalPipeline(pipeline_config(name="h", kind="retrieval", retrieval={
+        "top_k": 3, "query": "history", "history_weight": 0.4, "history_messages": 2}), retriever)
+    (answer,) = pipe.answer_batch([convo])
+    last, joined = convo[-1].content, history_query(convo, 2)
+    one, both = retriever.search(last, 20), retriever.search(joined, 20)
+    want = fuse(one, both, method="rrf", dense_weight=0.6)[:3]
+    assert [(h.passage.id, h.score) for h in answer.hits] == [(pid, pytest.approx(s)) for pid, s in want]
+    assert answer.trace.query == f"{last} || {joined}"
+    (first,) = pipe.answer_batch([convo[:1]])  # a first turn: searched once, by itself
+    assert [h.passage.id for h in first.hits] == [h.passage.id for h in retriever.search(convo[0].content, 3)]
+    assert first.trace.query == convo[0].content
+
+
+def test_rewrite_searches_the_generators_question_and_needs_a_generator() -> None:
+    retriever = memory_retriever(PASSAGES)
+    rewritten = text_generation("When did Linlithgow's term end?")
+    gen = ScriptedGenerator(script=[(lambda p: "ideal search query" in p, rewritten)],
+                            default=text_generation("In 1943."))
+    pipe = ChatRagPipeline(pipeline_config(name="r", prompt={"format": "chatml"}, retrieval={"top_k": 2},
+                                           query_rewrite=True), gen, retriever)
+    assert pipe.config.retrieval.query == "rewrite"  # the older spelling
+    (answer,) = pipe.answer_batch([[ChatMessage(**m) for m in TURNS[1]["messages"]]])  # type: ignore[arg-type]
+    assert answer.trace.query == "When did Linlithgow's term end?"
+    assert [h.passage.id for h in answer.hits] == [h.passage.id for h in retriever.search(answer.trace.query, 2)]
+    with pytest.raises(ConfigError, match="needs a generator"):
+        pipeline_config(name="x", kind="retrieval", retrieval={"query": "rewrite"})
+    with pytest.raises(ConfigError, match="must be last_turn for kind: selfrag"):
+        pipeline_config(name="x", kind="selfrag", retrieval={"query": "history"})
+
+
+def test_eval_reports_per_turn_type_and_token_f1_not_exact_match(tmp_path: Path) -> None:
+    from rag.eval.runner import evaluate
+
+    (tmp_path / "data").mkdir()
+    data = folder(tmp_path / "data")
+    file = tmp_path / "chat.yaml"
+    file.write_text("name: chat\nprompt: {format: chatml}\nretrieval: {top_k: 2, query: history}\n")
+    answer = "Linlithgow served until 1943 as Viceroy"
+    pipe = ChatRagPipeline(pipeline_config(name="chat", prompt={"format": "chatml"},
+                                           retrieval={"top_k": 2, "query": "history"}),
+                           ScriptedGenerator(default=text_generation(answer)), memory_retriever(PASSAGES))
+    summary = asyncio.run(asyncio.to_thread(evaluate, [file], data, out=tmp_path / "run", progress=False,
+                                            pipelines={str(file): pipe}))
+    result: dict[str, Any] = summary["pipelines"][0]
+    assert set(result["by_group"]) == {"first", "follow-up", "clarification"}
+    assert all(g["n"] == 1 for g in result["by_group"].values())
+    assert "em" not in result["metrics"] and "match" not in result["metrics"]
+    want = [f1(answer, [t["golden_answers"][0]]) for t in TURNS]  # the follow-up's by hand below
+    assert result["metrics"]["f1"]["mean"] == pytest.approx(sum(want) / 3)
+    # follow-up: prediction tokens {linlithgow, served, until, 1943, as, viceroy}, gold {his, term, as,
+    # viceroy, ended, in, 1943} after SQuAD normalisation: 3 shared -> P 3/6, R 3/7, F1 6/13
+    assert result["by_group"]["follow-up"]["metrics"]["f1"]["mean"] == pytest.approx(6 / 13)
+    assert "By question group" in (tmp_path / "run" / "report.md").read_text()
