@@ -133,6 +133,19 @@ class FusionConfig(_Config):
     candidates: int = Field(100, ge=1, description="hits taken from each side before fusing")
 
 
+class RerankConfig(_Config):
+    """``retrieval.rerank``: a second stage over the first stage's top ``candidates`` (`rag.rerank`)."""
+
+    method: Literal["cross_encoder", "remote"] = "cross_encoder"
+    model: str = Field(description="cross_encoder: a local model folder (or cached hub id); remote: the "
+                       "server's model name")
+    candidates: int = Field(50, ge=1, le=1000, description="first-stage hits rescored (at least top_k)")
+    weight: float = Field(1.0, ge=0.0, le=1.0, description="1: the reranker's order; less: its order fused "
+                          "with the first stage's by weighted reciprocal rank")
+    base_url: str | None = Field(None, description="remote: the API root (POST {base_url}/rerank)")
+    api_key_env: str | None = Field(None, description="remote: environment variable holding the key")
+
+
 class RetrievalConfig(_Config):
     mode: Literal["dense", "bm25", "hybrid", "none"] = Field(
         "dense", description="none: never retrieve, even when an index is given")
@@ -147,6 +160,7 @@ class RetrievalConfig(_Config):
         "rewrite: the generator rewrites the conversation into a standalone question")
     history_weight: float = Field(0.2, ge=0.0, le=1.0, description="history: the joined turns' ranking's "
                                   "weight in the fusion (the last turn's gets 1 - this)")
+    rerank: RerankConfig | None = None
     history_messages: int = Field(2, ge=0, description="history: the user and assistant messages before the "
                                   "last turn that join it in the second query (0: every earlier user turn)")
 

@@ -22,6 +22,7 @@ from rag.config import PipelineConfig, RetrievalPipelineConfig
 from rag.errors import ConfigError
 from rag.generation import Generator, run_sync
 from rag.prompts import check_messages, last_user_message
+from rag.rerank import Reranker, load_reranker, rerank_hits
 from rag.retriever import Retriever, fuse, query_embedder, sibling_retriever
 from rag.types import (
     Answer,
@@ -53,6 +54,9 @@ class Pipeline(Protocol):
 
     @property
     def retriever(self) -> Retriever | None: ...
+
+    @property
+    def reranker(self) -> Reranker | None: ...
 
     def info(self) -> PipelineInfo: ...
 
@@ -86,6 +90,13 @@ class Pipeline(Protocol):
     def ask(self, question: str, *, top_k: int | None = None, params: GenerationParams | None = None) -> Answer: ...
 
     def close(self) -> None: ...
+
+
+def _fused(a: Sequence[Hit], b: Sequence[Hit], weight_a: float, k: int) -> list[Hit]:
+    """The top ``k`` of two rankings fused by weighted reciprocal rank."""
+    by_id = {h.passage.id: h.passage for h in [*a, *b]}
+    return [Hit(passage=by_id[pid], score=score, rank=n + 1)
+            for n, (pid, score) in enumerate(fuse(a, b, method="rrf", dense_weight=weight_a)[:k])]
 
 
 def history_query(messages: Conversation, n: int) -> str:
@@ -124,6 +135,7 @@ class BasePipeline:
         self._pending: list[tuple[list[str], int, Future[list[list[Hit]]]]] = []  # guarded by _pending_lock
         self._pending_lock = threading.Lock()
         self._draining = False
+        self._reranker: Reranker | None = None
 
     def validate(self, messages: Conversation) -> None:
         """Raise `PromptError` for a conversation this pipeline cannot answer (before any work)."""
@@ -175,31 +187,44 @@ class BasePipeline:
 
     async def conversation_hits(self, conversations: Sequence[Conversation], k: int
                                 ) -> tuple[list[list[Hit]], list[str]]:
-        """Each conversation's top ``k`` by the pipeline's query strategy (``retrieval.query``),
-        and the query used: ``last_turn`` searches the last user turn; ``history`` fuses that
-        ranking (weight 1 - ``history_weight``) with one searched by the last turn joined to the
-        ``history_messages`` messages before it (reciprocal-rank fusion, no model call; a first
-        turn is searched once); ``rewrite`` searches
-        the generator's standalone rewrite of the conversation."""
+        """Each conversation's top ``k`` and the query used, by the pipeline's query strategy
+        (``retrieval.query``) and reranker (``retrieval.rerank``): ``last_turn`` searches the last
+        user turn; ``history`` fuses that ranking (weight 1 - ``history_weight``) with one
+        searched by the last turn joined to the ``history_messages`` messages before it
+        (reciprocal-rank fusion, no model call; a first turn is searched once); ``rewrite``
+        searches the generator's standalone rewrite of the conversation. A reranker rescores the
+        first stage's top ``candidates`` against that query (history: the joined text)."""
         r = self.config.retrieval
+        depth = max(k, r.rerank.candidates) if r.rerank is not None else k
         last = [last_user_message(c) for c in conversations]
         if r.query == "rewrite":
             queries = [await self.rewrite(c) for c in conversations]
-            return await self.asearch(queries, k), queries
-        if r.query == "last_turn":
-            return await self.asearch(last, k), last
-        joined = [history_query(c, r.history_messages) for c in conversations]
-        depth = max(2 * k, 20)
-        found = await self.asearch(last + joined, depth)
+            found, rerank_by = await self.asearch(queries, depth), queries
+        elif r.query == "last_turn":
+            found, queries, rerank_by = await self.asearch(last, depth), last, last
+        else:
+            joined = [history_query(c, r.history_messages) for c in conversations]
+            both = await self.asearch(last + joined, max(2 * depth, 20))
+            found = [_fused(a, b, 1.0 - r.history_weight, depth) if j != q else a[:depth]
+                     for a, b, q, j in zip(both[: len(last)], both[len(last):], last, joined, strict=True)]
+            queries, rerank_by = [q if j == q else f"{q} || {j}" for q, j in zip(last, joined, strict=True)], joined
+        if r.rerank is None:
+            return [h[:k] for h in found], queries
+        reranker = self.reranker
+        assert reranker is not None
         out = []
-        for i, (one, both) in enumerate(zip(found[: len(last)], found[len(last):], strict=True)):
-            if joined[i] == last[i]:
-                out.append(one[:k])
-                continue
-            by_id = {h.passage.id: h.passage for h in [*one, *both]}
-            fused = fuse(one, both, method="rrf", dense_weight=1.0 - r.history_weight)[:k]
-            out.append([Hit(passage=by_id[pid], score=score, rank=n + 1) for n, (pid, score) in enumerate(fused)])
-        return out, [q if j == q else f"{q} || {j}" for q, j in zip(last, joined, strict=True)]
+        for hits, query in zip(found, rerank_by, strict=True):
+            scores = await asyncio.to_thread(reranker.score, query, [h.passage for h in hits])
+            out.append(rerank_hits(hits, scores, k, weight=r.rerank.weight))
+        return out, queries
+
+    @property
+    def reranker(self) -> Reranker | None:
+        """The second stage ``retrieval.rerank`` names (made on first use), or None."""
+        config = self.config.retrieval.rerank
+        if config is not None and self._reranker is None:
+            self._reranker = load_reranker(config, device=self.config.retrieval.device)
+        return self._reranker
 
     async def rewrite(self, messages: Conversation) -> str:
         """The conversation as a standalone search query (kinds with a generator)."""
@@ -285,9 +310,11 @@ class BasePipeline:
         return self
 
     def close(self) -> None:
-        """Stop the generator's engine (its threads and processes); idempotent."""
+        """Stop the generator's engine (its threads and processes) and the reranker; idempotent."""
         if self.generator is not None:
             self.generator.close()
+        if self._reranker is not None:
+            self._reranker.close()
 
     def __enter__(self) -> BasePipeline:
         return self

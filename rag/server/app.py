@@ -15,7 +15,7 @@ from rag.pipeline import Pipeline
 from rag.server import errors
 from rag.server.middleware import Guard
 from rag.server.protocol import ServiceLimits
-from rag.server.routers import chat, completions, embeddings, health, models, retrieve, runs, tokens
+from rag.server.routers import chat, completions, embeddings, health, models, rerank, retrieve, runs, tokens
 from rag.server.state import ServerState
 
 
@@ -55,6 +55,6 @@ def create_app(pipelines: Pipeline | Sequence[Pipeline], *, model_name: str | No
     app.mount("/static", StaticFiles(directory=runs.STATIC), name="static")
     errors.install(app)
     app.add_middleware(Guard, state=state)
-    for module in (chat, completions, embeddings, tokens, retrieve, models, runs, health):
+    for module in (chat, completions, embeddings, tokens, rerank, retrieve, models, runs, health):
         app.include_router(module.router)
     return app

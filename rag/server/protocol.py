@@ -237,6 +237,22 @@ class TokenizeRequest(BaseModel):
     return_token_strs: bool = False
 
 
+class RerankDocument(BaseModel):
+    model_config = _STRICT
+    text: str
+
+
+class RerankRequest(BaseModel):
+    """Cohere/Jina's rerank request (as vLLM serves it)."""
+
+    model_config = _STRICT
+    model: str | None = None
+    query: str = Field(min_length=1)
+    documents: list[str | RerankDocument]
+    top_n: int | None = Field(None, ge=1)
+    return_documents: bool = True
+
+
 class DetokenizeRequest(BaseModel):
     model_config = _STRICT
     model: str | None = None
@@ -401,6 +417,18 @@ class EmbeddingList(BaseModel):
     data: list[Embedding]
     model: str
     usage: UsageOut = Field(description="not counted here (0)")
+
+
+class RerankResult(BaseModel):
+    index: int
+    relevance_score: float
+    document: dict[str, str] | None = None
+
+
+class RerankResponse(BaseModel):
+    id: str
+    model: str
+    results: list[RerankResult]
 
 
 class Tokenized(BaseModel):

@@ -1,0 +1,107 @@
+"""Rerankers on real parts: a cross-encoder (a tiny random BERT built and saved here) through
+sentence-transformers' `CrossEncoder`, in a pipeline, behind ``rag serve``'s ``/v1/rerank``, and
+the remote reranker client against that real server."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+
+from rag.config import pipeline_config
+from rag.embedding import passage_text
+from rag.pipeline import RetrievalPipeline
+from rag.rerank import CrossEncoderReranker, RemoteReranker, rerank_hits
+from rag.retriever import fuse
+from rag.server import create_app
+from rag.types import ChatMessage, Passage
+from tests.integration.servers import running
+from tests.unit.conftest import memory_retriever
+
+pytestmark = pytest.mark.integration
+
+PASSAGES = [Passage(id=f"p{i}", title=t, text=x) for i, (t, x) in enumerate([
+    ("Nile", "The Nile is a long river in Africa."), ("Amazon", "The Amazon river flows through Brazil."),
+    ("Paris", "Paris is the capital of France."), ("Danube", "The Danube flows through Vienna."),
+    ("Tea", "Tea grows in Assam."), ("Rhine", "The Rhine river flows through Germany.")])]
+QUERY = "which river flows through africa"
+
+
+@pytest.fixture(scope="module")
+def cross_encoder(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny random BERT cross-encoder (one label) with a word-level vocabulary, saved."""
+    import torch
+    from transformers import BertConfig, BertForSequenceClassification, BertTokenizerFast
+
+    folder = tmp_path_factory.mktemp("cross-encoder")
+    words = sorted({w.strip(".,").lower() for p in PASSAGES for w in f"{p.title} {p.text} {QUERY}".split()})
+    (folder / "vocab.txt").write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *words]) + "\n")
+    tokenizer = BertTokenizerFast(vocab_file=str(folder / "vocab.txt"))
+    torch.manual_seed(0)
+    model = BertForSequenceClassification(BertConfig(vocab_size=len(words) + 5, hidden_size=32, num_hidden_layers=2,
+                                                     num_attention_heads=2, intermediate_size=64, num_labels=1,
+                                                     initializer_range=0.5))
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+def test_scores_equal_cross_encoder_predict_and_the_order_is_applied(cross_encoder: Path) -> None:
+    from sentence_transformers import CrossEncoder
+
+    want = CrossEncoder(str(cross_encoder)).predict([(QUERY, passage_text(p.title, p.text)) for p in PASSAGES])
+    reranker = CrossEncoderReranker(str(cross_encoder))
+    assert reranker.score(QUERY, PASSAGES) == pytest.approx([float(x) for x in want], abs=1e-6)
+    assert len(set(reranker.score(QUERY, PASSAGES))) >= 4  # a real ordering to check (ties keep the first stage's)
+
+    retriever = memory_retriever(PASSAGES)
+    pipe = RetrievalPipeline(pipeline_config(name="r", kind="retrieval", retrieval={
+        "top_k": 3, "rerank": {"model": str(cross_encoder), "candidates": 6}}), retriever)
+    (answer,) = pipe.answer_batch([[ChatMessage(role="user", content=QUERY)]])
+    first = retriever.search(QUERY, 6)
+    scores = reranker.score(QUERY, [h.passage for h in first])
+    order = sorted(range(6), key=lambda i: -scores[i])[:3]
+    assert [h.passage.id for h in answer.hits] == [first[i].passage.id for i in order]
+    assert order != [0, 1, 2]  # the reranker changed the first stage's order
+    assert [h.score for h in answer.hits] == pytest.approx([scores[i] for i in order])
+
+
+def test_weight_fuses_reranked_and_first_stage_rankings(cross_encoder: Path) -> None:
+    retriever = memory_retriever(PASSAGES)
+    first = retriever.search(QUERY, 6)
+    scores = CrossEncoderReranker(str(cross_encoder)).score(QUERY, [h.passage for h in first])
+    got = rerank_hits(first, scores, 4, weight=0.7)
+    reranked = rerank_hits(first, scores, 6)
+    want = fuse(reranked, first, method="rrf", dense_weight=0.7)[:4]
+    assert [(h.passage.id, h.score) for h in got] == [(pid, pytest.approx(s)) for pid, s in want]
+
+
+@pytest.fixture(scope="module")
+def rerank_server(cross_encoder: Path) -> Iterator[str]:
+    pipe = RetrievalPipeline(pipeline_config(name="ranker", kind="retrieval", retrieval={
+        "top_k": 3, "rerank": {"model": str(cross_encoder)}}), memory_retriever(PASSAGES))
+    with running(create_app(pipe)) as base:
+        yield base
+
+
+def test_rerank_endpoint_in_cohere_shape(rerank_server: str, cross_encoder: Path) -> None:
+    docs = [p.text for p in PASSAGES]
+    r = httpx.post(rerank_server + "/v1/rerank", json={"model": "ranker", "query": QUERY, "documents": docs,
+                                                       "top_n": 4}).json()
+    scores = CrossEncoderReranker(str(cross_encoder)).score(QUERY, [Passage(id="x", title="", text=d) for d in docs])
+    want = sorted(range(len(docs)), key=lambda i: -scores[i])[:4]
+    assert [x["index"] for x in r["results"]] == want
+    assert [x["relevance_score"] for x in r["results"]] == pytest.approx([scores[i] for i in want])
+    assert r["results"][0]["document"] == {"text": docs[want[0]]}
+    bad = httpx.post(rerank_server + "/v1/rerank", json={"model": "ranker", "query": QUERY, "documents": []})
+    assert bad.status_code == 400 and bad.json()["error"]["param"] == "documents"
+
+
+def test_remote_reranker_against_rag_serve_equals_the_local_one(rerank_server: str, cross_encoder: Path) -> None:
+    remote = RemoteReranker("ranker", base_url=rerank_server + "/v1")
+    local = CrossEncoderReranker(str(cross_encoder))
+    # the server sees title + text as one document, as the local reranker builds it
+    assert remote.score(QUERY, PASSAGES) == pytest.approx(local.score(QUERY, PASSAGES), abs=1e-6)
+    remote.close()
