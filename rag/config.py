@@ -136,9 +136,10 @@ class FusionConfig(_Config):
 class RerankConfig(_Config):
     """``retrieval.rerank``: a second stage over the first stage's top ``candidates`` (`rag.rerank`)."""
 
-    method: Literal["cross_encoder", "remote"] = "cross_encoder"
-    model: str = Field(description="cross_encoder: a local model folder (or cached hub id); remote: the "
-                       "server's model name")
+    method: Literal["cross_encoder", "llm", "remote"] = "cross_encoder"
+    model: str = Field(description="cross_encoder: a local model folder (or cached hub id); llm: "
+                       "'generator' (the pipeline's own) or a model for the transformers backend; remote: "
+                       "the server's model name")
     candidates: int = Field(50, ge=1, le=1000, description="first-stage hits rescored (at least top_k)")
     weight: float = Field(1.0, ge=0.0, le=1.0, description="1: the reranker's order; less: its order fused "
                           "with the first stage's by weighted reciprocal rank")

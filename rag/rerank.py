@@ -2,6 +2,8 @@
 
 - ``cross_encoder``: sentence-transformers' `CrossEncoder` on any local model folder (or a
   cached hub id); its scores are ``CrossEncoder.predict`` on (query, passage) pairs.
+- ``llm``: query likelihood (UPR, Sachan et al. 2022) with a local generator: log p(query |
+  passage) from one prefill per passage, the prompted critic's relevance machinery.
 - ``remote``: a Cohere/Jina-style ``POST {base_url}/rerank`` (``rag serve``'s ``/v1/rerank``,
   vLLM's ``/rerank``, a hosted API).
 
@@ -22,6 +24,8 @@ from rag.types import Hit, Passage
 
 if TYPE_CHECKING:
     from rag.config import RerankConfig
+    from rag.generation import Generator
+    from rag.prompts import ChatFormat
 
 
 @runtime_checkable
@@ -72,6 +76,34 @@ class CrossEncoderReranker:
         pass
 
 
+class LLMReranker:
+    """Query likelihood with a generator: each passage's score is log p(query | passage) under the
+    model (`rag.selfrag.critic.query_loglikelihoods`), in the generator's chat template (plain
+    text when it has none). ``owned``: the reranker loaded the generator and closes it."""
+
+    def __init__(self, generator: Generator, *, owned: bool = False):
+        self.generator, self.owned, self.name = generator, owned, generator.model_name
+        self._format: ChatFormat | None = None
+
+    def score(self, query: str, passages: Sequence[Passage]) -> list[float]:
+        from rag.generation import run_sync
+        from rag.prompts import get_format
+        from rag.selfrag.critic import query_loglikelihoods
+
+        if not passages:
+            return []
+        if self._format is None:
+            self.generator.load()
+            self._format = get_format("hf_template" if self.generator.has_chat_template else "plain",
+                                      generator=self.generator)
+        fmt = self._format
+        return run_sync(lambda: query_loglikelihoods(self.generator, fmt, [(query, p) for p in passages]))
+
+    def close(self) -> None:
+        if self.owned:
+            self.generator.close()
+
+
 class RemoteReranker:
     """A Cohere/Jina-style rerank endpoint: ``POST {base_url}/rerank`` with ``model``, ``query``
     and ``documents``; reads ``results[].index`` and ``relevance_score``."""
@@ -106,8 +138,19 @@ class RemoteReranker:
         self._client.close()
 
 
-def load_reranker(config: RerankConfig, *, device: str = "auto") -> Reranker:
-    """The reranker a pipeline's ``retrieval.rerank`` names."""
+def load_reranker(config: RerankConfig, *, device: str = "auto", generator: Generator | None = None) -> Reranker:
+    """The reranker a pipeline's ``retrieval.rerank`` names (``llm`` with model ``generator``:
+    the pipeline's own ``generator``)."""
+    if config.method == "llm":
+        if config.model != "generator":
+            from rag.generation.hf import TransformersGenerator
+
+            return LLMReranker(TransformersGenerator(config.model, device="cuda" if device == "gpu" else device),
+                               owned=True)
+        if generator is None:
+            raise ConfigError("retrieval.rerank: llm with model 'generator' needs the pipeline's generator; "
+                              "this pipeline has none, so name a model")
+        return LLMReranker(generator)
     if config.method == "cross_encoder":
         return CrossEncoderReranker(config.model, device=None if device == "auto" else device)
     if config.method == "remote":
@@ -117,7 +160,7 @@ def load_reranker(config: RerankConfig, *, device: str = "auto") -> Reranker:
             raise ConfigError("retrieval.rerank.method remote needs base_url (the server's API root)")
         key = os.environ.get(config.api_key_env) if config.api_key_env else None
         return RemoteReranker(config.model, base_url=config.base_url, api_key=key)
-    raise ConfigError(f"unknown reranker {config.method!r}; use cross_encoder or remote")
+    raise ConfigError(f"unknown reranker {config.method!r}; use cross_encoder, llm or remote")
 
 
 def rerank_hits(hits: Sequence[Hit], scores: Sequence[float], k: int, *, weight: float = 1.0) -> list[Hit]:

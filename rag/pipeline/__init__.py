@@ -223,7 +223,7 @@ class BasePipeline:
         """The second stage ``retrieval.rerank`` names (made on first use), or None."""
         config = self.config.retrieval.rerank
         if config is not None and self._reranker is None:
-            self._reranker = load_reranker(config, device=self.config.retrieval.device)
+            self._reranker = load_reranker(config, device=self.config.retrieval.device, generator=self.generator)
         return self._reranker
 
     async def rewrite(self, messages: Conversation) -> str:

@@ -140,6 +140,31 @@ RET_Q = ("Question: {question}\n\nWould looking up documents help to answer this
          "correctly? Answer Yes or No.")
 
 
+async def query_loglikelihoods(generator: Generator, fmt: ChatFormat,
+                               pairs: Sequence[tuple[str, Passage]]) -> list[float]:
+    """log p(question | passage) for each (question, passage): the question's tokens after the
+    request `QL_Q` in ``fmt``, summed from the prompt logprobs of one prefill per pair (only the
+    question's positions' logits: ``GenerationParams.prompt_logprobs_tail``). The prompted
+    critic's relevance and the ``llm`` reranker (`rag.rerank`)."""
+    prompts, lengths = [], []
+    for q, p in pairs:
+        head = fmt.render([ChatMessage(role="user", content=QL_Q.format(passage=p.title_text))])
+        full = generator.encode(head + fmt.clean(q))
+        prompts.append(full)
+        lengths.append(max(1, len(full) - len(generator.encode(head))))
+    by_length: dict[int, list[int]] = {}  # a call per question length: each prompt's own tail only
+    for k, n in enumerate(lengths):
+        by_length.setdefault(n, []).append(k)
+    lls = [0.0] * len(pairs)
+    groups_out = await asyncio.gather(*(generator.agenerate(
+        [prompts[k] for k in ks], GenerationParams(max_new_tokens=1, prompt_logprobs=True, prompt_logprobs_tail=n))
+        for n, ks in by_length.items()))
+    for (n, ks), outs in zip(by_length.items(), groups_out, strict=True):
+        for k, o in zip(ks, outs, strict=True):
+            lls[k] = sum(o.prompt_logprobs[-n:])
+    return lls
+
+
 class PromptedCritic:
     """Any instruct model: the model answers with each passage in its own chat format, then is
     asked one question per aspect; option first-token probabilities stand in for the reflection
@@ -209,22 +234,7 @@ class PromptedCritic:
             outs = await self.generator.agenerate([self._relevance_prompt(q, p) for q, p in pairs],
                                                   GenerationParams(max_new_tokens=1, logprob_token_ids=self.yes_no))
             return [relevance_score(normalised(o.logprobs[0] if o.logprobs else {}, self.yes_no)) for o in outs]
-        prompts, lengths = [], []
-        for q, p in pairs:
-            head = self.format.render([ChatMessage(role="user", content=QL_Q.format(passage=p.title_text))])
-            full = self.generator.encode(head + self.format.clean(q))
-            prompts.append(full)
-            lengths.append(max(1, len(full) - len(self.generator.encode(head))))
-        by_length: dict[int, list[int]] = {}  # a call per question length: each prompt's own tail only
-        for k, n in enumerate(lengths):
-            by_length.setdefault(n, []).append(k)
-        lls = [0.0] * len(pairs)
-        groups_out = await asyncio.gather(*(self.generator.agenerate(
-            [prompts[k] for k in ks], GenerationParams(max_new_tokens=1, prompt_logprobs=True, prompt_logprobs_tail=n))
-            for n, ks in by_length.items()))
-        for (n, ks), outs in zip(by_length.items(), groups_out, strict=True):
-            for k, o in zip(ks, outs, strict=True):
-                lls[k] = sum(o.prompt_logprobs[-n:])
+        lls = await query_loglikelihoods(self.generator, self.format, pairs)
         groups: dict[str, list[int]] = {}
         for k, (q, _) in enumerate(pairs):
             groups.setdefault(q, []).append(k)

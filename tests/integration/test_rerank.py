@@ -6,17 +6,18 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
 
 from rag.config import pipeline_config
 from rag.embedding import passage_text
-from rag.pipeline import RetrievalPipeline
-from rag.rerank import CrossEncoderReranker, RemoteReranker, rerank_hits
+from rag.pipeline import ChatRagPipeline, RetrievalPipeline
+from rag.rerank import CrossEncoderReranker, LLMReranker, RemoteReranker, rerank_hits
 from rag.retriever import fuse
 from rag.server import create_app
-from rag.types import ChatMessage, Passage
+from rag.types import ChatMessage, GenerationParams, Passage
 from tests.integration.servers import running
 from tests.unit.conftest import memory_retriever
 
@@ -105,3 +106,37 @@ def test_remote_reranker_against_rag_serve_equals_the_local_one(rerank_server: s
     # the server sees title + text as one document, as the local reranker builds it
     assert remote.score(QUERY, PASSAGES) == pytest.approx(local.score(QUERY, PASSAGES), abs=1e-6)
     remote.close()
+
+
+def _raw_query_loglikelihood(generator: Any, query: str, passage: Passage) -> float:
+    """log p(query | passage) straight from a transformers forward pass over the same prompt."""
+    import torch
+
+    from rag.prompts import get_format
+    from rag.selfrag.critic import QL_Q
+
+    fmt = get_format("hf_template", generator=generator)
+    head = fmt.render([ChatMessage(role="user", content=QL_Q.format(passage=passage.title_text))])
+    ids = generator.encode(head + query)
+    n = len(ids) - len(generator.encode(head))
+    with torch.inference_mode():
+        logits = generator.model(torch.tensor([ids])).logits[0].float().log_softmax(-1)
+    return float(sum(logits[i - 1, ids[i]] for i in range(len(ids) - n, len(ids))))
+
+
+@pytest.mark.slow
+def test_llm_reranker_is_the_query_likelihood_on_both_backends(hf_smollm: Any, vllm_smollm: Any) -> None:
+    passages = PASSAGES[:4]
+    hf = LLMReranker(hf_smollm).score(QUERY, passages)
+    assert hf == pytest.approx([_raw_query_loglikelihood(hf_smollm, QUERY, p) for p in passages], abs=1e-3)
+    assert LLMReranker(vllm_smollm).score(QUERY, passages) == pytest.approx(hf, abs=2e-3)
+
+    retriever = memory_retriever(PASSAGES)
+    pipe = ChatRagPipeline(pipeline_config(name="q", prompt={"format": "hf_template"}, retrieval={
+        "top_k": 2, "rerank": {"method": "llm", "model": "generator", "candidates": 4}}), hf_smollm, retriever)
+    (answer,) = pipe.answer_batch([[ChatMessage(role="user", content=QUERY)]],
+                                  params=GenerationParams(max_new_tokens=2))
+    first = retriever.search(QUERY, 4)
+    scores = LLMReranker(hf_smollm).score(QUERY, [h.passage for h in first])
+    order = sorted(range(4), key=lambda i: -scores[i])[:2]
+    assert [h.passage.id for h in answer.hits] == [first[i].passage.id for i in order]
