@@ -162,7 +162,7 @@ class RetrievalConfig(_Config):
     history_weight: float = Field(0.2, ge=0.0, le=1.0, description="history: the joined turns' ranking's "
                                   "weight in the fusion (the last turn's gets 1 - this)")
     rerank: RerankConfig | None = None
-    history_messages: int = Field(2, ge=0, description="history: the user and assistant messages before the "
+    history_messages: int = Field(1, ge=0, description="history: the user and assistant messages before the "
                                   "last turn that join it in the second query (0: every earlier user turn)")
 
 

@@ -16,6 +16,9 @@ app = typer.Typer(no_args_is_help=True, help="Choose settings on your own querie
 Opt = typer.Option
 HeldOut = Annotated[float, Opt(min=0.05, max=0.95, help="fraction of questions held out")]
 Seed = Annotated[int, Opt(help="seed of the tuning / held-out split")]
+Measure = Annotated[str, Opt(help="measure to maximise")]
+Limit = Annotated[int | None, Opt(help="first N questions")]
+Out = Annotated[Path | None, Opt(help="write the tuned pipeline here (default: the pipeline file)")]
 
 
 @app.command("fusion")
@@ -25,11 +28,11 @@ def fusion(
     index: IndexOpt = None,
     format: Annotated[str, Opt(help="question-set format (see rag eval)")] = "auto",
     qrels: Annotated[Path | None, Opt(help="graded judgments: BEIR qrels TSV or TREC qrels")] = None,
-    limit: Annotated[int | None, Opt(help="first N questions")] = None,
+    limit: Limit = None,
     held_out: HeldOut = 0.5,
     seed: Seed = 0,
-    measure: Annotated[str, Opt(help="measure to maximise")] = "ndcg@10",
-    out: Annotated[Path | None, Opt(help="write the tuned pipeline here (default: the pipeline file)")] = None,
+    measure: Measure = "ndcg@10",
+    out: Out = None,
 ) -> None:
     """Tune hybrid fusion (weighted RRF or min-max score fusion) on held-out queries and record
     it in the pipeline file (retrieval.mode: hybrid, retrieval.fusion)."""
@@ -53,6 +56,43 @@ def fusion(
             f"seed {seed}): {held}")
     target = update_pipeline_file(pipeline, "retrieval", {"mode": "hybrid", "fusion": fused}, note, out=out)
     typer.echo(f"written: {target}")
+
+
+@app.command("query")
+def query(
+    pipeline: Annotated[Path, Opt("--pipeline", "-p", help="chat or retrieval pipeline YAML to tune")],
+    data: Annotated[Path, Opt(help="a conversational folder (conversations.jsonl + qrels.tsv)")],
+    index: IndexOpt = None,
+    limit: Limit = None,
+    held_out: HeldOut = 0.5,
+    seed: Seed = 0,
+    measure: Measure = "ndcg@10",
+    out: Out = None,
+) -> None:
+    """Tune how follow-up turns are searched (retrieval.query: last_turn or history, with its
+    weight and messages) on held-out turns and record it in the pipeline file."""
+    from rag.config import load_pipeline_config, update_pipeline_file
+    from rag.eval.datasets import load_dataset
+    from rag.eval.query import tune_query
+    from rag.retriever import open_retriever
+
+    config = load_pipeline_config(pipeline)
+    folder, mode = index or config.index, config.retrieval.mode
+    if folder is None or mode == "none":
+        raise ConfigError(f"{pipeline} names no index or retrieves nothing (mode: none); pass --index")
+    retriever = open_retriever(folder, mode, fusion=config.retrieval.fusion.model_dump())
+    try:
+        result = tune_query(load_dataset(data, limit=limit), retriever, measure=measure, held_out=held_out, seed=seed)
+    finally:
+        retriever.close()
+    held = ", ".join(f"{k} {v:.4f}" for k, v in result["held_out"].items())
+    typer.echo(f"{measure} on {result['held_out_queries']} held-out turns (tuned on {result['tune_queries']}): {held}")
+    typer.echo(f"chosen: {json.dumps(result['query'])}")
+    if result["held_out"]["tuned"] < result["held_out"]["last_turn"]:
+        typer.echo("note: the choice loses to last_turn on the held-out turns; consider keeping last_turn", err=True)
+    note = (f"# rag tune query --data {data}: held-out {measure} ({result['held_out_queries']} turns, seed {seed}): "
+            f"{held}")
+    typer.echo(f"written: {update_pipeline_file(pipeline, 'retrieval', result['query'], note, out=out)}")
 
 
 @app.command("critic")

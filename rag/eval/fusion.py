@@ -41,6 +41,17 @@ def split(items: Sequence[T], held_out: float = 0.5, seed: int = 0) -> tuple[lis
     return tune, held
 
 
+def halves(items: Sequence[EvalItem], held_out: float, seed: int, what: str) -> tuple[list[EvalItem], list[EvalItem]]:
+    """(tuning, held-out) halves of ``items``; `ConfigError` when there are too few (``what``
+    says which items and how to get them) or a half is empty."""
+    if len(items) < 4:
+        raise ConfigError(f"tuning needs at least 4 {what}, got {len(items)}")
+    tune_items, held = split(items, held_out, seed)
+    if not tune_items or not held:
+        raise ConfigError(f"held_out={held_out} leaves one half empty; use a fraction between 0 and 1")
+    return tune_items, held
+
+
 def _score(items: Sequence[EvalItem], rankings: dict[str, list[tuple[str, float]]], measure: str) -> float:
     qrels = {it.id: it.judgments for it in items}
     return mean(per_query(qrels, {it.id: rankings[it.id] for it in items}, [measure]), measure)
@@ -64,13 +75,8 @@ def tune(items: Sequence[EvalItem], dense: dict[str, list[Hit]], sparse: dict[st
 
     ``dense`` and ``sparse`` map question ids to each retriever's ranking. Returns the chosen
     settings (``fusion``), every grid point's tuning score and the held-out table."""
-    judged = [it for it in items if it.gold_ids]
-    if len(judged) < 4:
-        raise ConfigError(f"fusion tuning needs at least 4 questions with gold passages, got {len(judged)}; "
-                          "give a question set with gold passages or qrels (--qrels)")
-    tune_items, held = split(judged, held_out, seed)
-    if not tune_items or not held:
-        raise ConfigError(f"held_out={held_out} leaves one half empty; use a fraction between 0 and 1")
+    tune_items, held = halves([it for it in items if it.gold_ids], held_out, seed,
+                              "questions with gold passages (give a question set with gold passages or --qrels)")
     scored = [(_score(tune_items, _fused(tune_items, dense, sparse, depth, **g), measure), g) for g in grid(step)]
     # best score; among equals the weight nearest 0.5 (both sides), then rrf
     best_score, best = max(scored, key=lambda sg: (round(sg[0], 10), -abs(sg[1]["dense_weight"] - 0.5),

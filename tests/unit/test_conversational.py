@@ -125,3 +125,53 @@ def test_eval_reports_per_turn_type_and_token_f1_not_exact_match(tmp_path: Path)
     # viceroy, ended, in, 1943} after SQuAD normalisation: 3 shared -> P 3/6, R 3/7, F1 6/13
     assert result["by_group"]["follow-up"]["metrics"]["f1"]["mean"] == pytest.approx(6 / 13)
     assert "By question group" in (tmp_path / "run" / "report.md").read_text()
+
+
+def test_tune_query_picks_on_the_tuning_half_and_reports_held_out(tmp_path: Path) -> None:
+    from rag.eval.fusion import _score, split
+    from rag.eval.query import tune_query
+
+    turns = []
+    for i, p in enumerate(PASSAGES * 3):  # follow-ups whose referent is only in the previous answer
+        turns.append({"id": f"t{i}", "multi_turn": "Follow-up", "gold_passages": [p.id], "messages": [
+            {"role": "user", "content": "tell me something"}, {"role": "assistant", "content": p.text},
+            {"role": "user", "content": ["and then?", "why is that?", "what else?"][i % 3]}]})
+    (tmp_path / "conversations.jsonl").write_text("".join(json.dumps(t) + "\n" for t in turns))
+    items = load_dataset(tmp_path)
+    retriever = memory_retriever(PASSAGES)
+    result = tune_query(items, retriever, held_out=0.5, seed=3, depth=4)
+    tune_items, held = split(items, 0.5, 3)
+    assert (result["tune_queries"], result["held_out_queries"]) == (len(tune_items), len(held))
+    assert result["tune_score"] == max(g["score"] for g in result["grid"])
+    assert result["query"]["query"] == "history"  # the previous answer names the passage
+    last = {it.id: [(h.passage.id, h.score) for h in retriever.search(it.question, 4)] for it in held}
+    assert result["held_out"]["last_turn"] == pytest.approx(_score(held, last, "ndcg@10"))
+    assert result["held_out"]["tuned"] > result["held_out"]["last_turn"]
+
+
+def test_rag_tune_query_writes_the_choice_into_the_pipeline_file(tmp_path: Path) -> None:
+    from typer.testing import CliRunner
+
+    from rag.cli import app as cli_app
+    from rag.config import load_yaml
+
+    corpus = tmp_path / "corpus.jsonl"
+    corpus.write_text("".join(json.dumps({"id": p.id, "title": p.title, "text": p.text}) + "\n" for p in PASSAGES))
+    runner = CliRunner()
+    built = runner.invoke(cli_app, ["index", "build", "--corpus", str(corpus), "--out", str(tmp_path / "idx"),
+                                    "--embedder", "hash:64", "-q"])
+    assert built.exit_code == 0, built.output
+    data = tmp_path / "turns"
+    data.mkdir()
+    (data / "conversations.jsonl").write_text("".join(json.dumps({
+        "id": f"t{i}", "gold_passages": [p.id], "messages": [
+            {"role": "user", "content": "tell me something"}, {"role": "assistant", "content": p.text},
+            {"role": "user", "content": "and then?"}]}) + "\n" for i, p in enumerate(PASSAGES * 2)))
+    pipe = tmp_path / "p.yaml"
+    pipe.write_text("# mine\nname: p\nkind: retrieval\nretrieval: {mode: dense, top_k: 4}\n")
+    r = runner.invoke(cli_app, ["tune", "query", "-p", str(pipe), "--data", str(data),
+                                "--index", str(tmp_path / "idx")])
+    assert r.exit_code == 0, r.output
+    retrieval = load_yaml(pipe)["retrieval"]
+    assert retrieval["query"] == "history" and retrieval["mode"] == "dense" and "history_weight" in retrieval
+    assert pipe.read_text().startswith("# mine\n# rag tune query --data")
