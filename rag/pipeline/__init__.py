@@ -198,7 +198,7 @@ class BasePipeline:
         depth = max(k, r.rerank.candidates) if r.rerank is not None else k
         last = [last_user_message(c) for c in conversations]
         if r.query == "rewrite":
-            queries = [await self.rewrite(c) for c in conversations]
+            queries = list(await asyncio.gather(*(self.rewrite(c) for c in conversations)))
             found, rerank_by = await self.asearch(queries, depth), queries
         elif r.query == "last_turn":
             found, queries, rerank_by = await self.asearch(last, depth), last, last
@@ -212,18 +212,17 @@ class BasePipeline:
             return [h[:k] for h in found], queries
         reranker = self.reranker
         assert reranker is not None
-        out = []
-        for hits, query in zip(found, rerank_by, strict=True):
-            scores = await asyncio.to_thread(reranker.score, query, [h.passage for h in hits])
-            out.append(rerank_hits(hits, scores, k, weight=r.rerank.weight))
-        return out, queries
+        scores = await asyncio.gather(*(asyncio.to_thread(reranker.score, query, [h.passage for h in hits])
+                                        for hits, query in zip(found, rerank_by, strict=True)))
+        return [rerank_hits(h, s, k, weight=r.rerank.weight) for h, s in zip(found, scores, strict=True)], queries
 
     @property
     def reranker(self) -> Reranker | None:
         """The second stage ``retrieval.rerank`` names (made on first use), or None."""
         config = self.config.retrieval.rerank
-        if config is not None and self._reranker is None:
-            self._reranker = load_reranker(config, device=self.config.retrieval.device, generator=self.generator)
+        with self._pending_lock:  # made once, whichever thread asks first
+            if config is not None and self._reranker is None:
+                self._reranker = load_reranker(config, device=self.config.retrieval.device, generator=self.generator)
         return self._reranker
 
     async def rewrite(self, messages: Conversation) -> str:

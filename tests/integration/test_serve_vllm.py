@@ -72,13 +72,15 @@ def wait_idle(base: str, within_s: float) -> float:
 def test_stream_arrives_token_by_token(server: tuple[str, Any]) -> None:
     base, _ = server
     chunks = list(client(base).chat.completions.create(
-        model="smollm-vllm", stream=True, messages=[{"role": "user", "content": QUESTION}]))
-    texts = [c.choices[0].delta.content for c in chunks if c.choices[0].delta.content]
-    usage = chunks[-1].usage
+        model="smollm-vllm", stream=True, stream_options={"include_usage": True},
+        messages=[{"role": "user", "content": QUESTION}]))
+    *answer, usage_chunk = chunks  # the usage chunk comes last, with no choices, as asked
+    texts = [c.choices[0].delta.content for c in answer if c.choices[0].delta.content]
+    assert usage_chunk.choices == [] and usage_chunk.usage is not None
     assert "Kelmora" in "".join(texts)
-    assert len(texts) >= max(4, usage.completion_tokens // 3)  # one piece per token or few
-    assert chunks[-1].choices[0].finish_reason in ("stop", "length")
-    assert chunks[-1].model_extra["rag"]["citations"][0]["id"] == "z"
+    assert len(texts) >= max(4, usage_chunk.usage.completion_tokens // 3)  # one piece per token or few
+    assert answer[-1].choices[0].finish_reason in ("stop", "length")
+    assert answer[-1].model_extra["rag"]["citations"][0]["id"] == "z"
     metrics = httpx.get(base + "/metrics").text
     assert "rag_time_to_first_token_seconds_count 1.0" in metrics
     assert "rag_output_tokens_per_second_count 1.0" in metrics
