@@ -315,7 +315,7 @@ class OpenAIGenerator(TokenizerOps):
                                     finish_reason=final[1]))
             except asyncio.CancelledError:
                 raise
-            except GenerationError as e:
+            except RagError as e:
                 put(e)
             except Exception as e:
                 put(self._error(e))

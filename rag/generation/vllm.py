@@ -27,7 +27,7 @@ import uuid
 from collections.abc import AsyncIterator, Callable, Sequence
 from typing import Any
 
-from rag.errors import BackendUnavailableError, ConfigError, GenerationError, missing_extra
+from rag.errors import BackendUnavailableError, ConfigError, GenerationError, PromptError, missing_extra
 from rag.generation import LoopThread, Prompt, TokenizerOps
 from rag.models import resolve_model
 from rag.types import Generation, GenerationChunk, GenerationParams
@@ -259,7 +259,7 @@ class VLLMGenerator(TokenizerOps):
                                                    request_id=uuid.uuid4().hex):
                 final = out
         except (ValueError, TypeError) as e:
-            raise GenerationError(f"vLLM rejected the request: {e}") from None
+            raise PromptError(f"vLLM rejected the request: {e}") from None  # its parameters: a 400
         except Exception as e:
             if not self.alive():
                 raise BackendUnavailableError(f"the vLLM engine has died ({type(e).__name__}); "
@@ -350,7 +350,7 @@ class VLLMGenerator(TokenizerOps):
             except asyncio.CancelledError:
                 raise
             except (ValueError, TypeError) as e:
-                put(GenerationError(f"vLLM rejected the request: {e}"))
+                put(PromptError(f"vLLM rejected the request: {e}"))
             except Exception as e:
                 put(BackendUnavailableError(f"the vLLM engine has died ({type(e).__name__}); restart the server")
                     if not self.alive() else GenerationError(f"generation failed: {e}"))
