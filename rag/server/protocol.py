@@ -93,7 +93,6 @@ class MessageIn(BaseModel):
 class StreamOptions(BaseModel):
     model_config = _STRICT
     include_usage: bool = False
-    continuous_usage_stats: bool = False
 
 
 class JsonSchemaFormat(BaseModel):

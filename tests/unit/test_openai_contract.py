@@ -73,6 +73,8 @@ def test_model_picks_the_pipeline_and_an_unknown_model_is_404(app: Any) -> None:
     ({"seed": 2**70}, "seed", "seed"),
     ({"stop": ["x"] * 17}, "stop", "at most 16"),
     ({"stream_options": {"include_usage": True}}, "stream_options", "only allowed when stream is true"),
+    ({"stream": True, "stream_options": {"continuous_usage_stats": True}}, "stream_options.continuous_usage_stats",
+     "unknown field"),
 ])
 def test_fields_not_honoured_are_refused_naming_the_field(app: Any, extra: dict[str, Any], param: str,
                                                          needle: str) -> None:
