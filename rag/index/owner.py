@@ -211,13 +211,19 @@ def _fsync_dir(path: Path) -> None:
             os.close(fd)
 
 
-def _owner_line(folder: Path) -> str:
-    try:
-        o = json.loads((folder / OWNER).read_text(encoding="utf-8"))
-        return (f"'{o['command']}' (pid {o['pid']} on {o['host']}, since "
-                f"{time.strftime('%H:%M:%S', time.localtime(o['since']))})")
-    except (OSError, ValueError, KeyError, TypeError):
-        return "another process"
+def _owner_line(folder: Path, patience: float = 2.0) -> str:
+    """Who holds the lock, from the owner file; the holder writes it just after it takes the
+    lock, so a writer that loses a simultaneous start looks again for up to ``patience`` s."""
+    deadline = time.monotonic() + patience
+    while True:
+        try:
+            o = json.loads((folder / OWNER).read_text(encoding="utf-8"))
+            return (f"'{o['command']}' (pid {o['pid']} on {o['host']}, since "
+                    f"{time.strftime('%H:%M:%S', time.localtime(o['since']))})")
+        except (OSError, ValueError, KeyError, TypeError):
+            if time.monotonic() > deadline:
+                return "another process"
+            time.sleep(0.05)
 
 
 class Writer:
@@ -380,7 +386,9 @@ def writing(folder: str | Path, op: str, *, wait: float = 0.0, create: bool = Fa
     try:
         owner = {"command": " ".join(["rag", *sys.argv[1:]]) if sys.argv and "rag" in sys.argv[0] else op,
                  "op": op, "pid": os.getpid(), "host": socket.gethostname(), "since": time.time()}
-        (folder / OWNER).write_text(json.dumps(owner), encoding="utf-8")
+        tmp = folder / f"{OWNER}.{os.getpid()}"
+        tmp.write_text(json.dumps(owner), encoding="utf-8")
+        os.replace(tmp, folder / OWNER)  # whole or absent to a writer that reads it
         writer = Writer(folder, op)
         try:
             yield writer
