@@ -9,11 +9,13 @@ Retrieval measures live in `rag.eval.retrieval` (trec_eval through ir-measures).
 
 from __future__ import annotations
 
+import functools
 import random
 import re
 import string
 from collections import Counter
 from collections.abc import Sequence
+from typing import Any
 
 # --- answer metrics -------------------------------------------------------------------------
 
@@ -58,6 +60,24 @@ def f1(prediction: str, golds: Sequence[str]) -> float:
         precision, recall = common / len(pred), common / len(gold)
         best = max(best, 2 * precision * recall / (precision + recall))
     return best
+
+
+@functools.cache
+def _rouge_scorer() -> Any:
+    from rouge_score import rouge_scorer
+
+    return rouge_scorer.RougeScorer(["rougeL"], use_stemmer=True)
+
+
+def rouge_l(prediction: str, golds: Sequence[str]) -> float:
+    """ROUGE-L F-measure (longest common subsequence, Porter-stemmed tokens) by Google's
+    ``rouge-score``, max over gold answers; for long answers, where exact match means nothing.
+
+    >>> round(rouge_l("the cat sat on the mat", ["the cat was on the mat"]), 3)
+    0.833
+    """
+    scorer = _rouge_scorer()
+    return max((scorer.score(g, prediction)["rougeL"].fmeasure for g in golds), default=0.0)
 
 
 def match(prediction: str, golds: Sequence[str]) -> float:

@@ -16,7 +16,7 @@ from typing import Any
 from rag.errors import missing_extra
 from rag.eval.records import EvalRecord
 
-ORDER = ["accuracy", "em", "f1", "match", "match_norm", "faithfulness", "answer_relevance",
+ORDER = ["accuracy", "em", "f1", "rouge_l", "match", "match_norm", "faithfulness", "answer_relevance",
          "ndcg@10", "recall@1", "recall@5", "recall@20", "recall@100", "hit@1", "hit@5", "hit@20",
          "mrr@10", "map", "p@10"]
 RETRIEVAL = ("ndcg@", "recall@", "hit@", "mrr@", "map", "p@")

@@ -31,6 +31,7 @@ from rag.eval.metrics import (
     match,
     match_normalized,
     normalize_answer,
+    rouge_l,
 )
 from rag.eval.records import PREDICTIONS, EvalRecord, append_predictions, read_predictions
 from rag.eval.retrieval import MEASURES, per_query, run_from_records, write_run
@@ -59,7 +60,7 @@ def score_item(item: EvalItem, answer: Answer, *, answer_metrics: bool = True,
             m["accuracy"] = float(normalise_closed_answer(pred, item.choices) == item.answer_key)
             m["match"] = match(pred, [item.answer_key])  # the key alone; never a normalised one-letter match
         elif item.long_answers:  # long references: token overlap, never exact match
-            m["f1"] = f1(pred, item.answers)
+            m.update(f1=f1(pred, item.answers), rouge_l=rouge_l(pred, item.answers))
         else:
             m.update(em=exact_match(pred, item.answers), f1=f1(pred, item.answers),
                      match=match(pred, item.answers), match_norm=match_normalized(pred, item.answers))

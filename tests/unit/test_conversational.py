@@ -1,6 +1,6 @@
 """Conversational retrieval: the conversational question-set folder (MTRAG's layout), the query
 strategies (last turn, history fusion, rewrite) with the query recorded, and `rag eval`'s
-per-turn-type measures and long-answer F1 on a small folder made here."""
+per-turn-type measures and long-answer F1 and ROUGE-L on a small folder made here."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ import pytest
 from rag.config import pipeline_config
 from rag.errors import ConfigError, CorpusError
 from rag.eval.datasets import detect_format, load_dataset
-from rag.eval.metrics import f1
+from rag.eval.metrics import f1, rouge_l
 from rag.generation.scripted import ScriptedGenerator, text_generation
 from rag.pipeline import ChatRagPipeline, RetrievalPipeline, history_query
 from rag.retriever import fuse
@@ -102,7 +102,7 @@ def test_rewrite_searches_the_generators_question_and_needs_a_generator() -> Non
         pipeline_config(name="x", kind="selfrag", retrieval={"query": "history"})
 
 
-def test_eval_reports_per_turn_type_and_token_f1_not_exact_match(tmp_path: Path) -> None:
+def test_eval_reports_per_turn_type_and_long_answer_f1_rouge_not_exact_match(tmp_path: Path) -> None:
     from rag.eval.runner import evaluate
 
     (tmp_path / "data").mkdir()
@@ -124,6 +124,13 @@ def test_eval_reports_per_turn_type_and_token_f1_not_exact_match(tmp_path: Path)
     # follow-up: prediction tokens {linlithgow, served, until, 1943, as, viceroy}, gold {his, term, as,
     # viceroy, ended, in, 1943} after SQuAD normalisation: 3 shared -> P 3/6, R 3/7, F1 6/13
     assert result["by_group"]["follow-up"]["metrics"]["f1"]["mean"] == pytest.approx(6 / 13)
+    # ROUGE-L by hand: the longest common subsequence of stemmed tokens. Follow-up: "as viceroy"
+    # (2 of 6 predicted, 2 of 7 gold tokens) -> F 4/13; first turn: "linlithgow ... viceroy" (2 of 6,
+    # 2 of 5) -> 4/11; clarification: nothing shared -> 0
+    by_group = {g: r["metrics"]["rouge_l"]["mean"] for g, r in result["by_group"].items()}
+    assert by_group == {"follow-up": pytest.approx(4 / 13), "first": pytest.approx(4 / 11), "clarification": 0.0}
+    assert result["metrics"]["rouge_l"]["mean"] == pytest.approx((4 / 13 + 4 / 11) / 3)
+    assert rouge_l("Linlithgow SERVED", ["he serves"]) == pytest.approx(0.5)  # stemmed, case-folded
     assert "By question group" in (tmp_path / "run" / "report.md").read_text()
 
 
