@@ -154,13 +154,17 @@ class RetrievalConfig(_Config):
     top_k: int = Field(10, ge=1, le=1000, description="passages retrieved per query")
     context_chars: int = Field(2048, ge=1, description="character budget of the context string")
     device: Literal["auto", "cpu", "gpu"] = "auto"
-    query: Literal["last_turn", "history", "rewrite"] = Field(
+    query: Literal["last_turn", "history", "rewrite", "hyde"] = Field(
         "last_turn", description="what a conversation is searched with: the last user turn (SciPhi's rule); "
         "history: that ranking fused with one searched by the last turn joined to the messages before it "
         "(no model call); "
-        "rewrite: the generator rewrites the conversation into a standalone question")
+        "rewrite: the generator rewrites the conversation into a standalone question; "
+        "hyde: the last turn's ranking fused with one searched by a passage the generator writes to "
+        "answer the conversation (query expansion, Gao et al. 2022)")
     history_weight: float = Field(0.2, ge=0.0, le=1.0, description="history: the joined turns' ranking's "
                                   "weight in the fusion (the last turn's gets 1 - this)")
+    hyde_weight: float = Field(0.5, ge=0.0, le=1.0, description="hyde: the written passage's ranking's "
+                               "weight in the fusion (the last turn's gets 1 - this)")
     rerank: RerankConfig | None = None
     history_messages: int = Field(1, ge=0, description="history: the user and assistant messages before the "
                                   "last turn that join it in the second query (0: every earlier user turn)")
@@ -298,7 +302,7 @@ class SelfRagPipelineConfig(_Generating):
     def _question_only(self) -> SelfRagPipelineConfig:
         if self.retrieval.query != "last_turn":
             raise ValueError("retrieval.query must be last_turn for kind: selfrag (the decoder searches with "
-                             "the question; history and rewrite are chat and retrieval strategies)")
+                             "the question; history, rewrite and hyde are chat and retrieval strategies)")
         return self
 
     @model_validator(mode="before")
@@ -320,9 +324,9 @@ class RetrievalPipelineConfig(_PipelineBase):
 
     @model_validator(mode="after")
     def _no_rewrite(self) -> RetrievalPipelineConfig:
-        if self.retrieval.query == "rewrite":
-            raise ValueError("retrieval.query: rewrite needs a generator, and a retrieval pipeline has none; "
-                             "use last_turn or history")
+        if self.retrieval.query in ("rewrite", "hyde"):
+            raise ValueError(f"retrieval.query: {self.retrieval.query} needs a generator, and a retrieval pipeline "
+                             "has none; use last_turn or history")
         return self
 
 

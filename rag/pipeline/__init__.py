@@ -192,22 +192,26 @@ class BasePipeline:
         user turn; ``history`` fuses that ranking (weight 1 - ``history_weight``) with one
         searched by the last turn joined to the ``history_messages`` messages before it
         (reciprocal-rank fusion, no model call; a first turn is searched once); ``rewrite``
-        searches the generator's standalone rewrite of the conversation. A reranker rescores the
-        first stage's top ``candidates`` against that query (history: the joined text)."""
+        searches the generator's standalone rewrite of the conversation; ``hyde`` fuses the last
+        turn's ranking (1 - ``hyde_weight``) with one searched by a passage the generator writes.
+        A reranker rescores the first stage's top ``candidates`` against the rewrite, the joined
+        turns (history) or the last turn."""
         r = self.config.retrieval
         depth = max(k, r.rerank.candidates) if r.rerank is not None else k
         last = [last_user_message(c) for c in conversations]
+        written: list[str] = []
+        if r.query in ("rewrite", "hyde"):
+            written = list(await asyncio.gather(*(self.rewrite(c, passage=r.query == "hyde") for c in conversations)))
         if r.query == "rewrite":
-            queries = list(await asyncio.gather(*(self.rewrite(c) for c in conversations)))
-            found, rerank_by = await self.asearch(queries, depth), queries
+            found, queries, rerank_by = await self.asearch(written, depth), written, written
         elif r.query == "last_turn":
             found, queries, rerank_by = await self.asearch(last, depth), last, last
         else:
-            joined = [history_query(c, r.history_messages) for c in conversations]
-            both = await self.asearch(last + joined, max(2 * depth, 20))
-            found = [_fused(a, b, 1.0 - r.history_weight, depth) if j != q else a[:depth]
-                     for a, b, q, j in zip(both[: len(last)], both[len(last):], last, joined, strict=True)]
-            queries, rerank_by = [q if j == q else f"{q} || {j}" for q, j in zip(last, joined, strict=True)], joined
+            second, weight = ((written, r.hyde_weight) if r.query == "hyde" else
+                              ([history_query(c, r.history_messages) for c in conversations], r.history_weight))
+            found = await self._fused_search(last, second, weight, depth)
+            queries = [q if s == q else f"{q} || {s}" for q, s in zip(last, second, strict=True)]
+            rerank_by = second if r.query == "history" else last
         if r.rerank is None:
             return [h[:k] for h in found], queries
         reranker = self.reranker
@@ -215,6 +219,15 @@ class BasePipeline:
         scores = await asyncio.gather(*(asyncio.to_thread(reranker.score, query, [h.passage for h in hits])
                                         for hits, query in zip(found, rerank_by, strict=True)))
         return [rerank_hits(h, s, k, weight=r.rerank.weight) for h, s in zip(found, scores, strict=True)], queries
+
+    async def _fused_search(self, first: list[str], second: list[str], weight: float, depth: int
+                            ) -> list[list[Hit]]:
+        """Each ``first`` query's ranking fused with its ``second`` query's (weight ``weight``);
+        every distinct text searched once, a pair of equal queries not fused."""
+        texts = list(dict.fromkeys([*first, *second]))
+        found = dict(zip(texts, await self.asearch(texts, max(2 * depth, 20)), strict=True))
+        return [_fused(found[a], found[b], 1.0 - weight, depth) if a != b else found[a][:depth]
+                for a, b in zip(first, second, strict=True)]
 
     @property
     def reranker(self) -> Reranker | None:
@@ -225,9 +238,11 @@ class BasePipeline:
                 self._reranker = load_reranker(config, device=self.config.retrieval.device, generator=self.generator)
         return self._reranker
 
-    async def rewrite(self, messages: Conversation) -> str:
-        """The conversation as a standalone search query (kinds with a generator)."""
-        raise ConfigError(f"retrieval.query: rewrite needs a generator; pipeline {self.config.name!r} has none")
+    async def rewrite(self, messages: Conversation, *, passage: bool = False) -> str:
+        """The conversation as a standalone search query, or with ``passage`` a short passage
+        that answers it (HyDE); kinds with a generator."""
+        raise ConfigError(f"retrieval.query: {'hyde' if passage else 'rewrite'} needs a generator; "
+                          f"pipeline {self.config.name!r} has none")
 
     def _drain(self) -> None:
         """Search for everything pending, in batches, until nothing is left."""

@@ -37,6 +37,9 @@ from rag.types import (
 REWRITE_INSTRUCTION = (
     "Write the ideal search query to find information that answers the user's latest message "
     "in this conversation. Reply with the query only.\n\n{conversation}")
+HYDE_INSTRUCTION = (
+    "Write a short encyclopedia passage that answers the user's latest message in this "
+    "conversation. Reply with the passage only.\n\n{conversation}")
 
 
 def build_context(hits: Sequence[Hit], max_chars: int, extra_control: Sequence[str] = ()
@@ -133,17 +136,21 @@ class ChatRagPipeline(BasePipeline):
                               "format needs (the model stops when it asks for more evidence); add it")
         return params
 
-    async def rewrite(self, messages: Conversation) -> str:
+    async def rewrite(self, messages: Conversation, *, passage: bool = False) -> str:
         """The generator's standalone search query for the conversation (its last user turn when
-        there is no earlier turn, or when the model returns nothing)."""
+        there is no earlier turn, or when the model returns nothing), or with ``passage`` the
+        generator's short passage answering it (HyDE: searched for passages like it)."""
         question = last_user_message(messages)
-        if len(messages) < 2:
+        if len(messages) < 2 and not passage:
             return question
         convo = "\n".join(f"{m.role}: {m.content}" for m in messages if m.role != "system")
-        prompt = self.format.render([ChatMessage(role="user",
-                                                 content=REWRITE_INSTRUCTION.format(conversation=convo))])
-        (g,) = await self.generator.agenerate([prompt], GenerationParams(max_new_tokens=32))
-        return remove_cruft(g.text).splitlines()[0].strip() if g.text.strip() else question
+        instruction = HYDE_INSTRUCTION if passage else REWRITE_INSTRUCTION
+        prompt = self.format.render([ChatMessage(role="user", content=instruction.format(conversation=convo))])
+        (g,) = await self.generator.agenerate([prompt], GenerationParams(max_new_tokens=96 if passage else 32))
+        text = remove_cruft(g.text).strip()
+        if not text:
+            return question
+        return " ".join(text.split()) if passage else text.splitlines()[0].strip()
 
     async def prepare(self, conversations: Sequence[Conversation], *, top_k: int | None = None,
                       hits: Sequence[Sequence[Hit]] | None = None) -> list[Prepared]:

@@ -102,6 +102,23 @@ def test_rewrite_searches_the_generators_question_and_needs_a_generator() -> Non
         pipeline_config(name="x", kind="selfrag", retrieval={"query": "history"})
 
 
+def test_hyde_fuses_the_last_turn_with_the_written_passage_from_the_first_turn_on() -> None:
+    retriever = memory_retriever(PASSAGES)
+    written = "Linlithgow, Viceroy of India, left office in 1943 after the Quit India Movement."
+    gen = ScriptedGenerator(script=[(lambda p: "encyclopedia passage" in p and "quit india" in p,
+                                     text_generation(f"  {written}\n"))], default=text_generation("In 1943."))
+    pipe = ChatRagPipeline(pipeline_config(name="h", prompt={"format": "chatml"}, retrieval={
+        "top_k": 3, "query": "hyde", "hyde_weight": 0.3}), gen, retriever)
+    for convo in (TURNS[1]["messages"], TURNS[0]["messages"]):  # a follow-up, and a first turn
+        (answer,) = pipe.answer_batch([[ChatMessage(**m) for m in convo]])  # type: ignore[arg-type]
+        last = convo[-1]["content"]
+        want = fuse(retriever.search(last, 20), retriever.search(written, 20), method="rrf", dense_weight=0.7)[:3]
+        assert [(h.passage.id, h.score) for h in answer.hits] == [(pid, pytest.approx(s)) for pid, s in want]
+        assert answer.trace.query == f"{last} || {written}"
+    with pytest.raises(ConfigError, match="hyde needs a generator"):
+        pipeline_config(name="x", kind="retrieval", retrieval={"query": "hyde"})
+
+
 def test_eval_reports_per_turn_type_and_long_answer_f1_rouge_not_exact_match(tmp_path: Path) -> None:
     from rag.eval.runner import evaluate
 
