@@ -67,32 +67,44 @@ def query(
     held_out: HeldOut = 0.5,
     seed: Seed = 0,
     measure: Measure = "ndcg@10",
+    llm: Annotated[bool, Opt(help="also try rewrite and hyde (the generator writes for every turn)")] = False,
     out: Out = None,
 ) -> None:
-    """Tune how follow-up turns are searched (retrieval.query: last_turn or history, with its
-    weight and messages) on held-out turns and record it in the pipeline file."""
+    """Tune how follow-up turns are searched (retrieval.query: last_turn, history, and with --llm
+    rewrite and hyde) and, when the file has retrieval.rerank, its candidates and weight or no
+    reranking, on held-out turns; record the choice in the pipeline file."""
     from rag.config import load_pipeline_config, update_pipeline_file
     from rag.eval.datasets import load_dataset
     from rag.eval.query import tune_query
-    from rag.retriever import open_retriever
+    from rag.pipeline import BasePipeline, build_pipeline
 
     config = load_pipeline_config(pipeline)
-    folder, mode = index or config.index, config.retrieval.mode
-    if folder is None or mode == "none":
+    if (index or config.index) is None or config.retrieval.mode == "none":
         raise ConfigError(f"{pipeline} names no index or retrieves nothing (mode: none); pass --index")
-    retriever = open_retriever(folder, mode, fusion=config.retrieval.fusion.model_dump())
+    if llm and config.kind != "chat":
+        raise ConfigError(f"--llm needs a chat pipeline (its generator writes the rewrites); {pipeline} is "
+                          f"kind: {config.kind}")
+    pipe = build_pipeline(config, index=index, follow=False)
+    assert isinstance(pipe, BasePipeline)
     try:
-        result = tune_query(load_dataset(data, limit=limit), retriever, measure=measure, held_out=held_out, seed=seed)
+        if llm or config.retrieval.rerank is not None:
+            pipe.load()
+        result = tune_query(load_dataset(data, limit=limit), pipe, measure=measure, held_out=held_out, seed=seed,
+                            llm=llm)
     finally:
-        retriever.close()
+        pipe.close()
     held = ", ".join(f"{k} {v:.4f}" for k, v in result["held_out"].items())
     typer.echo(f"{measure} on {result['held_out_queries']} held-out turns (tuned on {result['tune_queries']}): {held}")
-    typer.echo(f"chosen: {json.dumps(result['query'])}")
+    chosen = dict(result["query"])
+    if config.retrieval.rerank is not None:
+        rerank = result["rerank"]
+        chosen["rerank"] = None if rerank is None else {**config.retrieval.rerank.model_dump(), **rerank}
+    typer.echo(f"chosen: {json.dumps(chosen)}")
     if result["held_out"]["tuned"] < result["held_out"]["last_turn"]:
         typer.echo("note: the choice loses to last_turn on the held-out turns; consider keeping last_turn", err=True)
     note = (f"# rag tune query --data {data}: held-out {measure} ({result['held_out_queries']} turns, seed {seed}): "
             f"{held}")
-    typer.echo(f"written: {update_pipeline_file(pipeline, 'retrieval', result['query'], note, out=out)}")
+    typer.echo(f"written: {update_pipeline_file(pipeline, 'retrieval', chosen, note, out=out)}")
 
 
 @app.command("critic")

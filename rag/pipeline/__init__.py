@@ -21,9 +21,10 @@ if TYPE_CHECKING:
 from rag.config import PipelineConfig, RetrievalPipelineConfig
 from rag.errors import ConfigError
 from rag.generation import Generator, run_sync
-from rag.prompts import check_messages, last_user_message
+from rag.pipeline.queries import plan_texts, planned_hits, query_plan, search_depth
+from rag.prompts import check_messages
 from rag.rerank import Reranker, load_reranker, rerank_hits
-from rag.retriever import Retriever, fuse, query_embedder, sibling_retriever
+from rag.retriever import Retriever, query_embedder, sibling_retriever
 from rag.types import (
     Answer,
     AnswerEvent,
@@ -90,22 +91,6 @@ class Pipeline(Protocol):
     def ask(self, question: str, *, top_k: int | None = None, params: GenerationParams | None = None) -> Answer: ...
 
     def close(self) -> None: ...
-
-
-def _fused(a: Sequence[Hit], b: Sequence[Hit], weight_a: float, k: int) -> list[Hit]:
-    """The top ``k`` of two rankings fused by weighted reciprocal rank."""
-    by_id = {h.passage.id: h.passage for h in [*a, *b]}
-    return [Hit(passage=by_id[pid], score=score, rank=n + 1)
-            for n, (pid, score) in enumerate(fuse(a, b, method="rrf", dense_weight=weight_a)[:k])]
-
-
-def history_query(messages: Conversation, n: int) -> str:
-    """The last user turn after the ``n`` user and assistant messages before it (0: every earlier
-    user turn), joined by spaces: the second query of ``retrieval.query: history``."""
-    last = max(i for i, m in enumerate(messages) if m.role == "user")
-    before = [m for m in messages[:last] if m.role in ("user", "assistant")]
-    before = before[-n:] if n else [m for m in before if m.role == "user"]
-    return " ".join([*(m.content for m in before), messages[last].content])
 
 
 def citations(hits: Sequence[Hit]) -> list[Citation]:
@@ -198,36 +183,21 @@ class BasePipeline:
         turns (history) or the last turn."""
         r = self.config.retrieval
         depth = max(k, r.rerank.candidates) if r.rerank is not None else k
-        last = [last_user_message(c) for c in conversations]
-        written: list[str] = []
+        written: list[str | None] = [None] * len(conversations)
         if r.query in ("rewrite", "hyde"):
             written = list(await asyncio.gather(*(self.rewrite(c, passage=r.query == "hyde") for c in conversations)))
-        if r.query == "rewrite":
-            found, queries, rerank_by = await self.asearch(written, depth), written, written
-        elif r.query == "last_turn":
-            found, queries, rerank_by = await self.asearch(last, depth), last, last
-        else:
-            second, weight = ((written, r.hyde_weight) if r.query == "hyde" else
-                              ([history_query(c, r.history_messages) for c in conversations], r.history_weight))
-            found = await self._fused_search(last, second, weight, depth)
-            queries = [q if s == q else f"{q} || {s}" for q, s in zip(last, second, strict=True)]
-            rerank_by = second if r.query == "history" else last
+        plans = [query_plan(r, c, w) for c, w in zip(conversations, written, strict=True)]
+        texts = plan_texts(plans)
+        found = planned_hits(plans, dict(zip(texts, await self.asearch(texts, search_depth(plans, depth)),
+                                             strict=True)), depth)
+        queries = [p.shown for p in plans]
         if r.rerank is None:
             return [h[:k] for h in found], queries
         reranker = self.reranker
         assert reranker is not None
-        scores = await asyncio.gather(*(asyncio.to_thread(reranker.score, query, [h.passage for h in hits])
-                                        for hits, query in zip(found, rerank_by, strict=True)))
+        scores = await asyncio.gather(*(asyncio.to_thread(reranker.score, p.rerank_by, [h.passage for h in hits])
+                                        for hits, p in zip(found, plans, strict=True)))
         return [rerank_hits(h, s, k, weight=r.rerank.weight) for h, s in zip(found, scores, strict=True)], queries
-
-    async def _fused_search(self, first: list[str], second: list[str], weight: float, depth: int
-                            ) -> list[list[Hit]]:
-        """Each ``first`` query's ranking fused with its ``second`` query's (weight ``weight``);
-        every distinct text searched once, a pair of equal queries not fused."""
-        texts = list(dict.fromkeys([*first, *second]))
-        found = dict(zip(texts, await self.asearch(texts, max(2 * depth, 20)), strict=True))
-        return [_fused(found[a], found[b], 1.0 - weight, depth) if a != b else found[a][:depth]
-                for a, b in zip(first, second, strict=True)]
 
     @property
     def reranker(self) -> Reranker | None:

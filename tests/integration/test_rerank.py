@@ -140,3 +140,42 @@ def test_llm_reranker_is_the_query_likelihood_on_both_backends(hf_smollm: Any, v
     scores = LLMReranker(hf_smollm).score(QUERY, [h.passage for h in first])
     order = sorted(range(4), key=lambda i: -scores[i])[:2]
     assert [h.passage.id for h in answer.hits] == [first[i].passage.id for i in order]
+
+
+def test_tune_query_chooses_rerank_settings_that_the_pipeline_then_runs(cross_encoder: Path, tmp_path: Path) -> None:
+    import asyncio
+    import json
+
+    from rag.eval.datasets import load_dataset
+    from rag.eval.fusion import _score, split
+    from rag.eval.query import CANDIDATES, RERANK_WEIGHTS, tune_query
+
+    rivers = [p for p in PASSAGES if "river" in p.text or "flows" in p.text]
+    (tmp_path / "conversations.jsonl").write_text("".join(json.dumps({
+        "id": f"t{i}", "gold_passages": [p.id], "messages": [
+            {"role": "user", "content": "rivers please"}, {"role": "assistant", "content": "Which one?"},
+            {"role": "user", "content": f"the one in {p.title} {'flows' if i % 2 else 'river'}"}]}) + "\n"
+        for i, p in enumerate(rivers * 2)))
+    items = load_dataset(tmp_path)
+    retrieval = {"top_k": 6, "rerank": {"model": str(cross_encoder), "candidates": 6}}
+    pipe = RetrievalPipeline(pipeline_config(name="r", kind="retrieval", retrieval=retrieval),
+                             memory_retriever(PASSAGES))
+    result = tune_query(items, pipe, held_out=0.5, seed=2, depth=6)
+    assert len(result["rerank_grid"]) == 1 + len(CANDIDATES) * len(RERANK_WEIGHTS)
+    assert result["tune_score"] == max(g["score"] for g in result["rerank_grid"])
+    tune_items, held = split(items, 0.5, 2)
+
+    def run(settings: dict[str, Any], group: list[Any]) -> float:  # the pipeline with these settings
+        chosen = RetrievalPipeline(pipeline_config(name="c", kind="retrieval", retrieval={
+            **retrieval, **result["query"], **settings}), memory_retriever(PASSAGES))
+        hits, _ = asyncio.run(chosen.conversation_hits([it.messages or [] for it in group], 6))
+        return _score(group, {it.id: [(h.passage.id, -n) for n, h in enumerate(hs)]
+                              for it, hs in zip(group, hits, strict=True)}, "ndcg@10")
+
+    # tuning measures what serving runs: each grid point's tuning score, and the choice's held-out score
+    for g in result["rerank_grid"]:
+        rerank = None if g["rerank"] is None else {**retrieval["rerank"], **g["rerank"]}
+        assert g["score"] == pytest.approx(run({"rerank": rerank}, tune_items)), g
+    assert len({round(g["score"], 6) for g in result["rerank_grid"]}) > 1  # the reranker changed rankings
+    chosen = None if result["rerank"] is None else {**retrieval["rerank"], **result["rerank"]}
+    assert result["held_out"]["tuned"] == pytest.approx(run({"rerank": chosen}, held))

@@ -16,7 +16,8 @@ from rag.errors import ConfigError, CorpusError
 from rag.eval.datasets import detect_format, load_dataset
 from rag.eval.metrics import f1, rouge_l
 from rag.generation.scripted import ScriptedGenerator, text_generation
-from rag.pipeline import ChatRagPipeline, RetrievalPipeline, history_query
+from rag.pipeline import ChatRagPipeline, RetrievalPipeline
+from rag.pipeline.queries import history_query
 from rag.retriever import fuse
 from rag.types import ChatMessage, Passage
 from tests.unit.conftest import memory_retriever
@@ -163,14 +164,46 @@ def test_tune_query_picks_on_the_tuning_half_and_reports_held_out(tmp_path: Path
     (tmp_path / "conversations.jsonl").write_text("".join(json.dumps(t) + "\n" for t in turns))
     items = load_dataset(tmp_path)
     retriever = memory_retriever(PASSAGES)
-    result = tune_query(items, retriever, held_out=0.5, seed=3, depth=4)
+    pipe = RetrievalPipeline(pipeline_config(name="r", kind="retrieval", retrieval={"top_k": 4}), retriever)
+    result = tune_query(items, pipe, held_out=0.5, seed=3, depth=4)
     tune_items, held = split(items, 0.5, 3)
     assert (result["tune_queries"], result["held_out_queries"]) == (len(tune_items), len(held))
     assert result["tune_score"] == max(g["score"] for g in result["grid"])
+    assert {g["query"] for g in result["grid"]} == {"last_turn", "history"}  # no generator calls without llm
     assert result["query"]["query"] == "history"  # the previous answer names the passage
-    last = {it.id: [(h.passage.id, h.score) for h in retriever.search(it.question, 4)] for it in held}
+    last = {it.id: [(h.passage.id, -n) for n, h in enumerate(retriever.search(it.question, 4))] for it in held}
     assert result["held_out"]["last_turn"] == pytest.approx(_score(held, last, "ndcg@10"))
     assert result["held_out"]["tuned"] > result["held_out"]["last_turn"]
+    # what was tuned is what the pipeline runs: the choice's held-out score from conversation_hits
+    chosen = RetrievalPipeline(pipeline_config(name="c", kind="retrieval", retrieval={"top_k": 4, **result["query"]}),
+                               retriever)
+    hits, _ = asyncio.run(chosen.conversation_hits([it.messages or [] for it in held], 4))
+    ran = {it.id: [(h.passage.id, -n) for n, h in enumerate(hs)] for it, hs in zip(held, hits, strict=True)}
+    assert result["held_out"]["tuned"] == pytest.approx(_score(held, ran, "ndcg@10"))
+
+
+def test_tune_query_with_llm_tries_rewrite_and_hyde_written_once_per_turn(tmp_path: Path) -> None:
+    from rag.eval.query import HYDE_WEIGHTS, tune_query
+
+    turns = [{"id": f"t{i}", "gold_passages": [p.id], "messages": [
+        {"role": "user", "content": "hello"}, {"role": "assistant", "content": "hi"},
+        {"role": "user", "content": f"question {i}"}]} for i, p in enumerate(PASSAGES * 2)]
+    (tmp_path / "conversations.jsonl").write_text("".join(json.dumps(t) + "\n" for t in turns))
+    gold = {f"question {i}": p for i, p in enumerate(PASSAGES * 2)}
+
+    def writes(prompt: str) -> Any:  # the rewrite is the gold passage's title; hyde writes its text
+        q = next(q for q in gold if f"user: {q}<|im_end|>" in prompt)
+        return text_generation(gold[q].text if "encyclopedia passage" in prompt else gold[q].title)
+
+    gen = ScriptedGenerator(default=writes)
+    pipe = ChatRagPipeline(pipeline_config(name="c", prompt={"format": "chatml"}, retrieval={"top_k": 4}), gen,
+                           memory_retriever(PASSAGES))
+    result = tune_query(load_dataset(tmp_path), pipe, held_out=0.5, seed=1, depth=4, llm=True)
+    assert len(gen.calls) == 2 * len(turns)  # one rewrite and one passage per turn, whatever the grid size
+    grid = {(g["query"], g.get("hyde_weight")): g["score"] for g in result["grid"]}
+    assert {("rewrite", None), *(("hyde", w) for w in HYDE_WEIGHTS)} <= set(grid)
+    assert grid[("rewrite", None)] == pytest.approx(1.0) and grid[("last_turn", None)] < 1.0
+    assert result["query"]["query"] in ("rewrite", "hyde") and result["held_out"]["tuned"] == pytest.approx(1.0)
 
 
 def test_rag_tune_query_writes_the_choice_into_the_pipeline_file(tmp_path: Path) -> None:
