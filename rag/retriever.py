@@ -11,12 +11,15 @@ newer version was published and, if so, opens it and serves it from then on.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 import os
 import shutil
 import tempfile
 import threading
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal, Protocol, runtime_checkable
 
@@ -34,6 +37,7 @@ from rag.index.folder import (
     load_manifest,
 )
 from rag.index.owner import Pin, Version, changed, open_consistent
+from rag.index.shards import is_sharded
 from rag.index.vectors import FaissIndex, VectorIndex
 from rag.store import PassageStore
 from rag.types import Hit, IndexInfo
@@ -42,6 +46,7 @@ log = logging.getLogger(__name__)
 
 Filter = dict[str, Any]
 Mode = Literal["dense", "bm25", "hybrid"]
+TIE_MARGIN = 32  # BM25 fetches this many more than asked, so passages tied at the cut are chosen by id
 
 
 @runtime_checkable
@@ -72,6 +77,10 @@ class _Base:
                          version=self.version.number if self.version else None,
                          passages=m.passages if m else len(self.store), built_at=m.built_at if m else None,
                          changes=len(m.history) if m else 0)
+
+    def stale(self) -> bool:
+        """A newer version of the folder was published since this one was opened."""
+        return self.version is not None and self.folder is not None and changed(self.folder, self.version)
 
     def close(self) -> None:
         """Close the store and let go of the version (removed then if a newer one was published)."""
@@ -165,21 +174,81 @@ class DenseRetriever(_Base):
                                    filter=filter, nprobe=nprobe, ef_search=ef_search)
 
 
+@dataclass(frozen=True)
+class BM25Stats:
+    """Corpus statistics BM25 scores with: document frequency per token, documents, tokens."""
+
+    df: dict[str, int]
+    docs: int
+    tokens: int
+
+    def __add__(self, other: BM25Stats) -> BM25Stats:
+        df = dict(self.df)
+        for t, n in other.df.items():
+            df[t] = df.get(t, 0) + n
+        return BM25Stats(df, self.docs + other.docs, self.tokens + other.tokens)
+
+    @property
+    def digest(self) -> str:
+        data = json.dumps([sorted(self.df.items()), self.docs, self.tokens], ensure_ascii=False)
+        return hashlib.sha256(data.encode()).hexdigest()[:16]
+
+
+def _tokenize(bm25s: Any, store: PassageStore, stopwords: str | None) -> tuple[list[int], Any]:
+    rows, texts = [], []
+    for row, p in store.iter_rows():
+        rows.append(row)
+        texts.append(passage_text(p.title, p.text))
+    return rows, bm25s.tokenize(texts, stopwords=stopwords, show_progress=False)
+
+
+def _stats(tokens: Any) -> BM25Stats:
+    """The statistics of one tokenized corpus (bm25s ``Tokenized``)."""
+    names = {i: t for t, i in tokens.vocab.items()}
+    df: dict[str, int] = {}
+    for doc in tokens.ids:
+        for i in set(doc):
+            df[names[i]] = df.get(names[i], 0) + 1
+    return BM25Stats(df, len(tokens.ids), sum(len(doc) for doc in tokens.ids))
+
+
+def _corpus_wide_bm25(bm25s: Any, stats: BM25Stats, vocab: dict[str, int], **kw: Any) -> Any:
+    """A bm25s model over one shard whose idf and length normalisation use the whole corpus's
+    ``stats``, so its scores equal those of one model over all shards (bm25s's documented
+    override point, `BM25.build_index_from_ids`, with bm25s's own scoring functions)."""
+    import scipy.sparse as sp
+    from bm25s import scoring
+
+    class CorpusWideBM25(bm25s.BM25):  # type: ignore[misc, name-defined]
+        def build_index_from_ids(self, unique_token_ids: list[int], corpus_token_ids: list[list[int]],
+                                 show_progress: bool = True, leave_progress: bool = False) -> dict[str, Any]:
+            names = {i: t for t, i in vocab.items()}
+            self.nonoccurrence_array = None  # the Lucene variant has none
+            local = scoring._calculate_doc_freqs(corpus_token_ids, unique_token_ids, show_progress=False)
+            idf = scoring._build_idf_array({i: stats.df.get(names[i], 0) for i in unique_token_ids}, stats.docs,
+                                           scoring._select_idf_scorer(self.idf_method), dtype=self.dtype)
+            data, rows, cols = scoring._build_scores_and_indices_for_matrix(
+                corpus_token_ids, idf, stats.tokens / stats.docs, local, self.k1, self.b, self.delta, None,
+                method=self.method, dtype=self.dtype, int_dtype=self.int_dtype, show_progress=False)
+            m = sp.csc_matrix((data, (rows, cols)), shape=(len(corpus_token_ids), len(unique_token_ids)),
+                              dtype=self.dtype)
+            return {"data": m.data, "indices": m.indices, "indptr": m.indptr, "num_docs": len(corpus_token_ids)}
+
+    return CorpusWideBM25(**kw)
+
+
 class BM25Retriever(_Base):
     """Lexical BM25 (bm25s, Lucene variant, English stopwords) over an index folder's passages.
 
     The BM25 index is built from the passage store's live passages on first use and saved in
-    ``bm25/`` inside the folder (rebuilt after any change to the index).
+    ``bm25/`` inside the folder (rebuilt after any change to the index). ``corpus``: statistics
+    of a larger corpus this folder is a shard of (`bm25_stats` summed over the shards), used for
+    idf and length normalisation instead of the folder's own.
     """
 
     def __init__(self, folder: str | Path, *, k1: float = 1.5, b: float = 0.75,
-                 stopwords: str | None = "en"):
-        try:
-            import bm25s
-        except ImportError:
-            raise missing_extra("bm25s", "cpu") from None
-        self._bm25s = bm25s
-        logging.getLogger("bm25s").setLevel(logging.WARNING)
+                 stopwords: str | None = "en", corpus: BM25Stats | None = None):
+        self._bm25s = _import_bm25s()
         self.folder = Path(folder)
         self.stopwords = stopwords
 
@@ -187,25 +256,23 @@ class BM25Retriever(_Base):
             manifest = load_manifest(path)
             check_sizes(path)
             store = PassageStore(path / STORE_FILE, readonly=True)
-            return (manifest, store, *self._load_or_build(path, manifest, store, k1, b))
+            return (manifest, store, *self._load_or_build(path, manifest, store, k1, b, corpus))
 
         (self.manifest, self.store, self.model, self.rows), self.version, self._pin = open_consistent(
             self.folder, opener)
 
     def _load_or_build(self, path: Path, m: Manifest, store: PassageStore, k1: float,
-                       b: float) -> tuple[Any, np.ndarray]:
+                       b: float, corpus: BM25Stats | None) -> tuple[Any, np.ndarray]:
         """The BM25 model and, per BM25 document, its store row (cached in the version's bm25/)."""
         bm25s, cache = self._bm25s, path / "bm25"
         stamp = f"{m.passages}:{m.deleted}:{m.built_at}:{len(m.history)}:{k1}:{b}:{self.stopwords}"
+        stamp += f":corpus {corpus.digest}" if corpus is not None else ""
         if (cache / "stamp").exists() and (cache / "stamp").read_text() == stamp:
             return bm25s.BM25.load(str(cache), show_progress=False, verbosity=0), np.load(cache / "rows.npy")
         log.info("building the BM25 index of %s (%d passages)", path, len(store))
-        rows, texts = [], []
-        for row, p in store.iter_rows():
-            rows.append(row)
-            texts.append(passage_text(p.title, p.text))
-        tokens = bm25s.tokenize(texts, stopwords=self.stopwords, show_progress=False)
-        model = bm25s.BM25(k1=k1, b=b)
+        rows, tokens = _tokenize(bm25s, store, self.stopwords)
+        model = (bm25s.BM25(k1=k1, b=b) if corpus is None else
+                 _corpus_wide_bm25(bm25s, corpus, tokens.vocab, k1=k1, b=b))
         model.index(tokens, show_progress=False)
         tmp = None
         try:  # each reader its own temporary folder: two servers may build the cache at once
@@ -231,7 +298,7 @@ class BM25Retriever(_Base):
         mask = None
         if filter:
             mask = np.isin(self.rows, self.store.rows_matching(filter)).astype(np.float32)
-        k = min(top_k, n)
+        k = min(top_k + TIE_MARGIN, n)
         out: list[list[Hit]] = []
         for q in queries:  # one at a time: bm25s fails on queries with no known token
             toks = self._bm25s.tokenize([q], stopwords=self.stopwords, return_ids=False,
@@ -243,8 +310,33 @@ class BM25Retriever(_Base):
                                               k=k, show_progress=False, weight_mask=mask,
                                               n_threads=1)
             keep = [(int(i), float(s)) for i, s in zip(ids[0], scores[0], strict=True) if s > 0]
-            out.append(self._hits([int(self.rows[i]) for i, _ in keep], [s for _, s in keep]))
+            hits = self._hits([int(self.rows[i]) for i, _ in keep], [s for _, s in keep])
+            hits.sort(key=lambda h: (-h.score, h.passage.id))  # ties by id, whatever order bm25s found them in
+            out.append([h.model_copy(update={"rank": r + 1}) for r, h in enumerate(hits[:top_k])])
         return out
+
+
+def _import_bm25s() -> Any:
+    try:
+        import bm25s
+    except ImportError:
+        raise missing_extra("bm25s", "cpu") from None
+    logging.getLogger("bm25s").setLevel(logging.WARNING)
+    return bm25s
+
+
+def bm25_stats(folder: str | Path, stopwords: str | None = "en") -> BM25Stats:
+    """The BM25 statistics of the version ``folder`` publishes now (one shard's share)."""
+    bm25s = _import_bm25s()
+
+    def opener(path: Path) -> BM25Stats:
+        with PassageStore(path / STORE_FILE, readonly=True) as store:
+            return _stats(_tokenize(bm25s, store, stopwords)[1])
+
+    stats, _, pin = open_consistent(folder, opener)
+    if pin is not None:
+        pin.release()
+    return stats
 
 
 def fuse(dense: Sequence[Hit], sparse: Sequence[Hit], *, method: str = "rrf", dense_weight: float = 0.5,
@@ -279,7 +371,13 @@ class HybridRetriever(_Base):
                  dense_weight: float = 0.5, rrf_k: int = 60, candidates: int = 100):
         self.dense, self.bm25, self.candidates = dense, bm25, candidates
         self.method, self.dense_weight, self.rrf_k = method, dense_weight, rrf_k
-        self.store, self.folder, self.version, self.manifest = dense.store, dense.folder, dense.version, dense.manifest
+        self.folder, self.version, self.manifest = dense.folder, dense.version, dense.manifest
+
+    def stale(self) -> bool:
+        return self.dense.stale() or self.bm25.stale()
+
+    def describe(self) -> IndexInfo:
+        return self.dense.describe()
 
     def close(self) -> None:
         self.dense.close()
@@ -320,6 +418,10 @@ def open_retriever(folder: str | Path, mode: Mode = "dense", *, device: str = "a
     """A retriever of ``mode`` over the version ``folder`` publishes now, pinned (a snapshot:
     it keeps serving that version; `close` lets go of it)."""
     folder = Path(folder)
+    if is_sharded(folder):
+        from rag.sharded import ShardedRetriever
+
+        return ShardedRetriever.open(folder, mode, device=device, embedder=embedder, fusion=fusion, **kwargs)
     r, version, pin = open_consistent(
         folder, lambda path: _open_mode(path, mode, device=device, embedder=embedder, fusion=fusion, **kwargs))
     for part in (r, getattr(r, "dense", None), getattr(r, "bm25", None)):
@@ -348,8 +450,7 @@ class FollowingRetriever:
         self._retired: list[_Base] = []  # replaced, closed when their last search ends; guarded by _lock
         self._failed: Version | None = None
         self.current = open_retriever(self.folder, mode, device=device, embedder=embedder, fusion=fusion, **kwargs)
-        dense = self.current.dense if isinstance(self.current, HybridRetriever) else self.current
-        self.embedder = dense.embedder if isinstance(dense, DenseRetriever) else embedder
+        self.embedder = query_embedder(self.current) or embedder
 
     @property
     def store(self) -> PassageStore:
@@ -367,7 +468,7 @@ class FollowingRetriever:
     def refresh(self) -> bool:
         """Open the newest version if it is not the one served; True if it switched."""
         served = self.current
-        if served.version is None or not changed(self.folder, served.version):
+        if not served.stale():
             return False
         with self._lock:
             if self.current is not served:
@@ -378,7 +479,7 @@ class FollowingRetriever:
             except RagError as e:
                 if self._failed != served.version:
                     log.error("%s: keeping version %s; the newly published one cannot be opened: %s",
-                              self.folder, served.version.number, e)
+                              self.folder, served.version.number if served.version else "(shards)", e)
                 self._failed = served.version
                 return False
             self.current = new
@@ -423,7 +524,7 @@ def query_embedder(retriever: Retriever) -> Embedder | None:
         return retriever.embedder
     if isinstance(retriever, HybridRetriever):
         retriever = retriever.dense
-    return retriever.embedder if isinstance(retriever, DenseRetriever) else None
+    return getattr(retriever, "embedder", None)  # dense (one folder or its shards); None for BM25
 
 
 def sibling_retriever(retriever: Retriever, mode: Mode, *, device: str = "auto",
@@ -438,6 +539,8 @@ def sibling_retriever(retriever: Retriever, mode: Mode, *, device: str = "auto",
     if folder is None:
         raise ConfigError(f"{type(retriever).__name__} has no index folder; only the pipeline's own "
                           "retrieval mode can be searched")
+    if is_sharded(folder):
+        return open_retriever(folder, mode, device=device, embedder=query_embedder(retriever), fusion=fusion)
 
     def dense_part() -> DenseRetriever:
         return dense if isinstance(dense, DenseRetriever) else DenseRetriever.from_folder(folder, device=device)

@@ -137,7 +137,7 @@ class PassageStore:
             self._db.execute("INSERT OR REPLACE INTO state VALUES (?,?)", (key, value))
 
     def add(self, passages: Sequence[Passage], *, state: dict[str, str] | None = None,
-            locations: Sequence[str] | None = None, sources: Sequence[str] | None = None,
+            locations: Sequence[str] | None = None, sources: Sequence[str | None] | None = None,
             replace: bool = False) -> range:
         """Append passages (and optional state keys) in one transaction; return their rows.
         ``replace``: passages whose id is already stored replace it (the old row is deleted).
@@ -203,15 +203,20 @@ class PassageStore:
 
     def iter_rows(self, batch_size: int = 1000) -> Iterator[tuple[int, Passage]]:
         """(row, passage) of every live passage, in row order."""
+        for row, passage, _ in self.iter_rows_with_source(batch_size):
+            yield row, passage
+
+    def iter_rows_with_source(self, batch_size: int = 1000) -> Iterator[tuple[int, Passage, str | None]]:
+        """(row, passage, the corpus it was read from) of every live passage, in row order."""
         last = -1
         while True:
             batch = self._db.execute(
-                "SELECT row, id, title, text, meta FROM passages WHERE row > ? ORDER BY row LIMIT ?",
+                "SELECT row, id, title, text, meta, source FROM passages WHERE row > ? ORDER BY row LIMIT ?",
                 (last, batch_size)).fetchall()
             if not batch:
                 return
             for r in batch:
-                yield r[0], _passage(r[1:])
+                yield r[0], _passage(r[1:5]), r[5]
             last = batch[-1][0]
 
     def rows_matching(self, where: dict[str, Any]) -> list[int]:

@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any, TypeVar
 
 import typer
 
@@ -13,6 +14,28 @@ from rag.errors import ConfigError
 
 app = typer.Typer(no_args_is_help=True, help="Build and inspect indexes.")
 Opt = typer.Option
+T = TypeVar("T")
+
+
+def _folders(folder: Path) -> list[Path]:
+    """The folder, or the shards of a sharded folder (`rag.index.shards`)."""
+    from rag.index.shards import is_sharded, shard_folders
+
+    return shard_folders(folder) if is_sharded(folder) else [folder]
+
+
+def _each(folder: Path, change: Callable[[Path], T]) -> list[T]:
+    """``change`` on the folder, or on each shard of a sharded folder in turn."""
+    return [change(f) for f in _folders(folder)]
+
+
+def _echo(folder: Path, parts: list[dict[str, Any]]) -> None:
+    """One folder's result as it is, a sharded folder's as totals with one entry per shard."""
+    if len(parts) == 1:
+        echo_json(parts[0])
+        return
+    totals: dict[str, Any] = {k: sum(p[k] for p in parts) for k in ("passages", "deleted") if k in parts[0]}
+    echo_json({"index": str(folder), **totals, "shards": parts})
 
 
 Precision = Annotated[str | None, Opt(help="encoder precision: auto|fp32|bf16|fp16|int8 (int8 needs the int8 extra)")]
@@ -69,7 +92,14 @@ def build(
 def info(folder: Path) -> None:
     """Print an index's manifest, counts and size on disk (JSON)."""
     from rag.index import REPORT_FILE, folder_size, read_manifest
+    from rag.index.shards import is_sharded, read_shards
 
+    if is_sharded(folder):
+        shards = [{"shard": str(f), "passages": m.passages, "deleted_rows": m.deleted, "version": m.version}
+                  for f in _folders(folder) for m in [read_manifest(f)]]
+        echo_json({**read_shards(folder).model_dump(), "passages": sum(s["passages"] for s in shards),
+                   "bytes": folder_size(folder), "shard_folders": shards})
+        return
     m = read_manifest(folder)
     report = folder / REPORT_FILE
     try:
@@ -83,9 +113,10 @@ def _corpus_change(mode: str, folder: Path, corpus: str, format: str, batch_size
                    skip_bad_lines: bool, quiet: bool, wait: float) -> None:
     from rag.index import upsert
 
-    m = upsert(folder, corpus, format=format, batch_size=batch_size, skip_bad_lines=skip_bad_lines,
-               progress=not quiet, mode=mode, wait=wait)  # type: ignore[arg-type]
-    echo_json({"index": str(folder), "passages": m.passages, "change": m.history[-1] if m.history else None})
+    ms = _each(folder, lambda f: upsert(f, corpus, format=format, batch_size=batch_size, progress=not quiet,
+                                        skip_bad_lines=skip_bad_lines, mode=mode, wait=wait))  # type: ignore[arg-type]
+    _echo(folder, [{"index": str(f), "passages": m.passages, "change": m.history[-1] if m.history else None}
+                   for f, m in zip(_folders(folder), ms, strict=True)])
 
 
 @app.command("add")
@@ -127,15 +158,18 @@ def delete(
     from rag.index import delete, plan_delete, read_manifest
 
     wanted = _read_ids(ids, ids_file)
-    if dry_run:
-        plan = plan_delete(folder, wanted, sources=source or [])
-        echo_json({"index": str(folder), "dry_run": True, "deleted": plan.removed, "passages": plan.stored,
-                   "ids": plan.removed_ids})
-        return
-    before = read_manifest(folder).passages
-    m = delete(folder, wanted, sources=source or [], yes=yes, wait=wait)
-    echo_json({"index": str(folder), "deleted": before - m.passages, "passages": m.passages,
-               "deleted_rows": m.deleted, "version": m.version})
+
+    def one(f: Path) -> dict[str, Any]:
+        if dry_run:
+            plan = plan_delete(f, wanted, sources=source or [])
+            return {"index": str(f), "dry_run": True, "deleted": plan.removed, "passages": plan.stored,
+                    "ids": plan.removed_ids}
+        before = read_manifest(f).passages
+        m = delete(f, wanted, sources=source or [], yes=yes, wait=wait)
+        return {"index": str(f), "deleted": before - m.passages, "passages": m.passages,
+                "deleted_rows": m.deleted, "version": m.version}
+
+    _echo(folder, _each(folder, one))
 
 
 @app.command("sync")
@@ -144,13 +178,15 @@ def sync(folder: Path, quiet: Quiet = False, dry_run: DryRun = False, yes: Yes =
     (added, changed, removed records and files)."""
     from rag.index import plan_sync, read_manifest, sync
 
-    if dry_run:
-        echo_json({"index": str(folder), "dry_run": True, "changes": [
-            {**p.model_dump(exclude={"removed_ids"}), "removed_ids": p.removed_ids[:100]} for p in plan_sync(folder)]})
-        return
-    n = len(read_manifest(folder).history)
-    m = sync(folder, progress=not quiet, yes=yes, wait=wait)
-    echo_json({"index": str(folder), "passages": m.passages, "version": m.version, "changes": m.history[n:]})
+    def one(f: Path) -> dict[str, Any]:
+        if dry_run:
+            return {"index": str(f), "dry_run": True, "changes": [
+                {**p.model_dump(exclude={"removed_ids"}), "removed_ids": p.removed_ids[:100]} for p in plan_sync(f)]}
+        n = len(read_manifest(f).history)
+        m = sync(f, progress=not quiet, yes=yes, wait=wait)
+        return {"index": str(f), "passages": m.passages, "version": m.version, "changes": m.history[n:]}
+
+    _echo(folder, _each(folder, one))
 
 
 @app.command("compact")
@@ -158,9 +194,12 @@ def compact(folder: Path, wait: Wait = 0.0) -> None:
     """Drop deleted passages' vectors from the FAISS structure (no re-encoding)."""
     from rag.index import compact, folder_size
 
-    before = folder_size(folder)
-    m = compact(folder, wait=wait)
-    echo_json({"index": str(folder), "passages": m.passages, "bytes_before": before, "bytes": folder_size(folder)})
+    def one(f: Path) -> dict[str, Any]:
+        before = folder_size(f)
+        m = compact(f, wait=wait)
+        return {"index": str(f), "passages": m.passages, "bytes_before": before, "bytes": folder_size(f)}
+
+    _echo(folder, _each(folder, one))
 
 
 @app.command("import")
@@ -188,14 +227,30 @@ def verify(folder: Path) -> None:
     """Check every file of an index folder against the sizes and sha256 its manifest recorded."""
     from rag.index import verify
 
-    problems = verify(folder)
+    problems = [line for problems in _each(folder, verify) for line in problems]
     for line in problems:
         typer.echo(line)
     if problems:
         typer.echo(f"{folder}: damaged; rebuild it (rag index build ... --out {folder} --force) or restore a copy")
         raise typer.Exit(1)
     typer.echo(f"{folder}: intact")
-    work = folder / ".work"
-    for left in sorted(work.iterdir()) if work.is_dir() else []:
+    for left in (p for f in _folders(folder) if (f / ".work").is_dir() for p in sorted((f / ".work").iterdir())):
         typer.echo(f"note: an interrupted change left {left}; the same command again finishes it "
                    "(any other change removes it)")
+
+
+@app.command("shard")
+def shard(
+    folder: Annotated[Path, typer.Argument(help="the index folder to split (it is not changed)")],
+    shards: Annotated[int, Opt(min=2, help="how many shards")],
+    out: Annotated[Path, Opt(help="the sharded folder to write (shards.json + shard-0 ...)")],
+    wait: Wait = 0.0,
+) -> None:
+    """Split an index folder into K shard folders under one parent, without re-encoding; every
+    rag command (search, serve, eval, changes) takes the parent like any index folder."""
+    from rag.index import folder_size, read_manifest
+    from rag.index.shards import shard_folders, shard_index
+
+    shard_index(folder, out, shards, wait=wait)
+    echo_json({"index": str(out), "shards": [{"shard": str(f), "passages": read_manifest(f).passages}
+                                             for f in shard_folders(out)], "bytes": folder_size(out)})

@@ -89,6 +89,8 @@ class Manifest(BaseModel):
     version: int = Field(0, description="the version number (versions/v<N>); 0: written before versions")
     change_key: str = Field("", description="the build or change that wrote this version (resuming it)")
     digest: str = Field("", description="sha256 of the rest of the manifest, so verify sees a hand edit")
+    shard: dict[str, Any] | None = Field(None, description="a shard's place in its sharded folder "
+                                         "(index, of, rule, source; rag.index.shards)")
 
     @property
     def embedder_info(self) -> EmbedderInfo:
@@ -100,7 +102,8 @@ class Manifest(BaseModel):
 
 
 def manifest_digest(manifest: Manifest) -> str:
-    data = json.dumps(manifest.model_dump(exclude={"digest"}), sort_keys=True, ensure_ascii=False)
+    unsharded = {"shard"} if manifest.shard is None else set()  # digests written before shards stay valid
+    data = json.dumps(manifest.model_dump(exclude={"digest", *unsharded}), sort_keys=True, ensure_ascii=False)
     return "sha256:" + hashlib.sha256(data.encode()).hexdigest()
 
 
@@ -318,7 +321,7 @@ def finish(writer: Writer, work: Path, manifest: Manifest, key: str) -> Manifest
     manifest = write_manifest(work, manifest.model_copy(update={"version": writer.next_number(),
                                                                 "change_key": key}))
     base = writer.current
-    if base is not None and (base.path / "bm25").is_dir():
+    if base is not None and (base.path / "bm25").is_dir() and manifest.shard is None:  # shards: corpus-wide stats
         _carry_bm25(work)
     writer.publish(work, manifest.version)
     return manifest

@@ -366,6 +366,9 @@ def writing(folder: str | Path, op: str, *, wait: float = 0.0, create: bool = Fa
     from filelock import FileLock, Timeout
 
     folder = Path(folder)
+    if (folder / "shards.json").is_file():
+        raise ConfigError(f"{folder} is a sharded folder: change its shards (rag index commands do; in Python, "
+                          "rag.index.shards.each_shard(folder, lambda shard: upsert(shard, ...)))")
     made = create and not folder.exists()
     while True:
         if create:

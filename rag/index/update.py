@@ -46,6 +46,7 @@ from rag.index.folder import (
     resume_finished,
 )
 from rag.index.owner import Version, Writer, open_version, writing
+from rag.index.shards import owned
 from rag.index.vectors import FaissIndex
 from rag.store import PassageStore
 
@@ -235,8 +236,8 @@ def _upsert(w: Writer, base: Version, corpus: str | Path, *, format: str, embedd
         if store.get_state("key") != key:  # a fresh copy: the state is the build's or the last change's
             store.add([], state={"key": key, "records_done": "0", "base": str(store.next_row())})
         start = int(store.get_state("base") or 0)
-        records = iter_records(path, format, skip_bad_lines=skip_bad_lines, report=report,
-                               chunk_size=chunk_size, chunk_stride=chunk_stride)
+        records = owned(iter_records(path, format, skip_bad_lines=skip_bad_lines, report=report,
+                                     chunk_size=chunk_size, chunk_stride=chunk_stride), manifest.shard)
         if mode != "add":
             records = _changed(records, original, seen, counts)
         encode_into(work, store, records, embedder, batch_size, manifest.name, key, progress,
@@ -299,8 +300,8 @@ def _plan_sync(version: Version, manifest: Manifest, folder: Path) -> list[tuple
         for c, path in _sync_corpora(folder, manifest):
             counts = {"added": 0, "changed": 0, "unchanged": 0}
             seen: set[str] = set()
-            records = iter_records(path, c.format, chunk_size=c.chunk_size, chunk_stride=c.chunk_stride,
-                                   skip_bad_lines=True)
+            records = owned(iter_records(path, c.format, chunk_size=c.chunk_size, chunk_stride=c.chunk_stride,
+                                         skip_bad_lines=True), manifest.shard)
             for _ in _changed(records, store, seen, counts):
                 pass
             stored = _source_ids(store, [c.path])
