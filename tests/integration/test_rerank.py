@@ -179,3 +179,34 @@ def test_tune_query_chooses_rerank_settings_that_the_pipeline_then_runs(cross_en
     assert len({round(g["score"], 6) for g in result["rerank_grid"]}) > 1  # the reranker changed rankings
     chosen = None if result["rerank"] is None else {**retrieval["rerank"], **result["rerank"]}
     assert result["held_out"]["tuned"] == pytest.approx(run({"rerank": chosen}, held))
+
+
+@pytest.mark.slow
+def test_rewrite_and_hyde_on_smollm2_both_backends(hf_smollm: Any, vllm_smollm: Any) -> None:
+    """The packaged SmolLM2 writes the rewrite and the HyDE passage (greedy, so both backends write
+    the same text), and the pipeline searches exactly what it wrote."""
+    import asyncio
+
+
+    convo = [ChatMessage(role="user", content="Tell me about the Nile"),
+             ChatMessage(role="assistant", content="The Nile is a long river in Africa."),
+             ChatMessage(role="user", content="and which river flows through Brazil?")]
+    retriever = memory_retriever(PASSAGES)
+    written: dict[str, list[str]] = {"rewrite": [], "hyde": []}
+    for gen in (hf_smollm, vllm_smollm):
+        for query in ("rewrite", "hyde"):
+            pipe = ChatRagPipeline(pipeline_config(name="q", prompt={"format": "hf_template"}, retrieval={
+                "top_k": 3, "query": query, "hyde_weight": 0.5}), gen, retriever)
+            text = asyncio.run(pipe.rewrite(convo, passage=query == "hyde"))
+            (answer,) = pipe.answer_batch([convo], params=GenerationParams(max_new_tokens=2))
+            last = convo[-1].content
+            if query == "rewrite":
+                assert answer.trace.query == text and text.strip() and "\n" not in text
+                want = [(h.passage.id, h.score) for h in retriever.search(text, 3)]
+            else:
+                assert answer.trace.query == f"{last} || {text}" and len(text.split()) >= 5
+                want = fuse(retriever.search(last, 20), retriever.search(text, 20), method="rrf",
+                            dense_weight=0.5)[:3]
+            assert [(h.passage.id, h.score) for h in answer.hits] == [(p, pytest.approx(s)) for p, s in want]
+            written[query].append(text)
+    assert written["rewrite"][0] == written["rewrite"][1] and written["hyde"][0] == written["hyde"][1]
