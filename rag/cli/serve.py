@@ -7,7 +7,7 @@ from typing import Annotated
 
 import typer
 
-from rag.cli._common import IndexOpt, open_pipelines
+from rag.cli._common import IndexOpt, open_pipelines, pipeline_files
 
 Pipelines = Annotated[list[Path] | None, typer.Option(
     "--pipeline", "-p", help="pipeline YAML or a folder of them; repeat to serve several (a request's "
@@ -25,15 +25,29 @@ def serve(
         help="folder of rag eval runs the playground page may open", exists=True, file_okay=False)] = None,
     private_probes: Annotated[bool, typer.Option(
         help="/health and /metrics need the API key too (default: public, like the page)")] = False,
+    ray: Annotated[str | None, typer.Option(
+        help="serve as a Ray Serve application: 'local' (a cluster of this machine), 'auto' or HOST:PORT")] = None,
+    replicas: Annotated[int, typer.Option(min=1, help="with --ray: replicas of the service")] = 1,
 ) -> None:
     """Serve one or more pipelines over an OpenAI-compatible HTTP API and a playground page at /
-    (RAG_API_KEY enables auth)."""
+    (RAG_API_KEY enables auth); with --ray, as replicas on a Ray cluster."""
     from rag.server import ServiceLimits
     from rag.server import serve as run_server
     from rag.settings import get_settings
 
+    limits = ServiceLimits(max_inflight=max_inflight, timeout_s=timeout)
+    if ray is not None:
+        from rag.config import DEFAULT_PIPELINE
+        from rag.server.ray_serve import replica_spec, serve_on_ray
+
+        spec = replica_spec(pipeline_files(pipeline or [DEFAULT_PIPELINE]), index, api_key=get_settings().api_key,
+                            limits=limits, runs_dir=str(runs.resolve()) if runs else None,
+                            private_probes=private_probes)
+        typer.echo(f"serving on Ray ({ray}, {replicas} replica(s)) at http://{host}:{port}/v1", err=True)
+        serve_on_ray(spec, address=ray, host=host, port=port, replicas=replicas)
+        return
     with open_pipelines(pipeline or [], index) as pipes:
         names = ", ".join(p.info().name for p in pipes)
         typer.echo(f"serving {names} on http://{host}:{port}/v1 (playground: http://{host}:{port}/)", err=True)
         run_server(pipes, host=host, port=port, api_key=get_settings().api_key, private_probes=private_probes,
-                   limits=ServiceLimits(max_inflight=max_inflight, timeout_s=timeout), runs_dir=runs)
+                   limits=limits, runs_dir=runs)

@@ -3,6 +3,7 @@ serves it)."""
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
@@ -35,13 +36,15 @@ def by_name(pipelines: Pipeline | Sequence[Pipeline], model_name: str | None = N
 
 def create_app(pipelines: Pipeline | Sequence[Pipeline], *, model_name: str | None = None,
                api_key: str | None = None, limits: ServiceLimits | None = None,
-               runs_dir: Path | None = None, private_probes: bool = False) -> FastAPI:
+               runs_dir: Path | None = None, private_probes: bool = False,
+               close_pipelines: bool = False) -> FastAPI:
     """The ASGI app around loaded pipelines (one, or several picked by the request's
     ``model``). ``app.state.rag.admission.abort_all()`` aborts every in-flight request; `serve`
     calls it on SIGTERM/SIGINT. ``runs_dir``: the folder whose eval reports the playground may
     open (none when unset). ``private_probes``: ``/health`` and ``/metrics`` need the API key too
     (they are public by default: model and index names, versions, passage counts, request counts
-    and latencies by route)."""
+    and latencies by route). ``close_pipelines``: the app owns the pipelines and closes them when
+    it shuts down (Ray Serve replicas; `serve` closes its own)."""
     state = ServerState.of(by_name(pipelines, model_name), limits or ServiceLimits(), runs_dir=runs_dir,
                            api_key=api_key, private_probes=private_probes)
 
@@ -49,6 +52,9 @@ def create_app(pipelines: Pipeline | Sequence[Pipeline], *, model_name: str | No
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
         yield
         state.admission.abort_all()
+        if close_pipelines:
+            for p in state.pipelines():
+                await asyncio.to_thread(p.close)
 
     app = FastAPI(title="rag", version="0.1.0", lifespan=lifespan)
     app.state.rag = state
