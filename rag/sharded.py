@@ -7,6 +7,9 @@ return each shard's approximate top k). BM25: each shard's model scores with the
 the whole corpus (document frequencies, document count and mean length summed over the shards,
 taken when the shards are opened), so scores equal one model over every passage. Hybrid fuses
 the merged dense and BM25 rankings as for one folder.
+
+`ShardedRetriever` opens every shard in this process; under ``rag serve --ray`` each shard is a
+`ShardSearch` deployment and `RemoteShards` asks them all at once and merges the same way.
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ from rag.embedding import Embedder
 from rag.index.shards import shard_folders
 from rag.retriever import (
     BM25Retriever,
+    BM25Stats,
     DenseRetriever,
     Filter,
     HybridRetriever,
@@ -78,10 +82,14 @@ class ShardedRetriever(_Base):
         for p in self.parts:
             p.close()
 
+    def _per_shard(self, method: str, batch: Any, top_k: int, filter: Filter | None,
+                   **kwargs: Any) -> list[list[list[Hit]]]:
+        """Every shard's answer to ``method`` (search_vectors, search_batch) for the batch."""
+        return [getattr(p, method)(batch, top_k, filter=filter, **kwargs) for p in self.parts]
+
     def search_vectors(self, vectors: Any, top_k: int = 10, *, filter: Filter | None = None,
                        **kwargs: Any) -> list[list[Hit]]:
-        per = [p.search_vectors(vectors, top_k, filter=filter, **kwargs) for p in self.parts
-               if isinstance(p, DenseRetriever)]
+        per = self._per_shard("search_vectors", vectors, top_k, filter, **kwargs)
         return [merge([hits[q] for hits in per], top_k) for q in range(len(vectors))]
 
     def search_batch(self, queries: Sequence[str], top_k: int = 10, *, filter: Filter | None = None,
@@ -90,5 +98,74 @@ class ShardedRetriever(_Base):
         if self.mode == "dense":
             assert self.embedder is not None
             return self.search_vectors(self.embedder.encode_queries(list(queries)), top_k, filter=filter, **kwargs)
-        per = [p.search_batch(queries, top_k, filter=filter) for p in self.parts]
+        per = self._per_shard("search_batch", list(queries), top_k, filter)
         return [merge([hits[q] for hits in per], top_k) for q in range(len(queries))]
+
+class ShardSearch:
+    """One shard of a sharded folder, searched where it is deployed (a Ray Serve deployment per
+    shard under ``rag serve --ray``): dense by query vectors, BM25 by query text with the
+    corpus-wide ``stats`` it was deployed with. Each search first reopens the shard if a newer
+    version was published (BM25 keeps the deployment's statistics until it is redeployed)."""
+
+    def __init__(self, folder: str, stats: BM25Stats | None = None):
+        self.folder, self.stats = Path(folder), stats
+        self._parts: dict[str, DenseRetriever | BM25Retriever] = {}
+
+    def _part(self, mode: str) -> Any:
+        part = self._parts.get(mode)
+        if part is not None and part.stale():
+            part.close()
+            part = None
+        if part is None:
+            part = (DenseRetriever.from_folder(self.folder) if mode == "dense" else
+                    BM25Retriever(self.folder, corpus=self.stats))
+            self._parts[mode] = part
+        return part
+
+    def search_vectors(self, vectors: Any, top_k: int, filter: Filter | None = None) -> list[list[Hit]]:
+        return self._part("dense").search_vectors(vectors, top_k, filter=filter)  # type: ignore[no-any-return]
+
+    def search_batch(self, queries: list[str], top_k: int, filter: Filter | None = None) -> list[list[Hit]]:
+        return self._part("bm25").search_batch(queries, top_k, filter=filter)  # type: ignore[no-any-return]
+
+
+class RemoteShards(ShardedRetriever):
+    """A sharded folder whose shards are searched by remote `ShardSearch` deployments (``handles``:
+    Ray Serve deployment handles, one per shard): every shard is asked at once, then the answers
+    are merged as for local shards. The query encoder runs here."""
+
+    def __init__(self, folder: str | Path, handles: Sequence[Any], mode: Mode, embedder: Embedder | None = None):
+        super().__init__(folder, [], mode, embedder)
+        self.handles = list(handles)
+
+    @classmethod
+    def of(cls, folder: str | Path, handles: Sequence[Any], mode: Mode, fusion: dict[str, Any] | None = None,
+           embedder: Embedder | None = None) -> _Base:
+        from rag.index.folder import embedder_from_manifest, read_manifest
+
+        if mode == "hybrid":
+            dense = cls.of(folder, handles, "dense", embedder=embedder)
+            return HybridRetriever(dense, cls(folder, handles, "bm25"), **(fusion or {}))  # type: ignore[arg-type]
+        if mode == "dense" and embedder is None:
+            embedder = embedder_from_manifest(read_manifest(shard_folders(folder)[0]))
+        return cls(folder, handles, mode, embedder)
+
+    def describe(self) -> IndexInfo:
+        from rag.index.folder import read_manifest
+
+        assert self.folder is not None
+        ms = [read_manifest(f) for f in shard_folders(self.folder)]
+        return IndexInfo(index=str(self.folder), version=None, passages=sum(m.passages for m in ms),
+                         built_at=max(m.built_at for m in ms), changes=sum(len(m.history) for m in ms))
+
+    def stale(self) -> bool:
+        return False  # the shard deployments follow their folders
+
+    def close(self) -> None:
+        pass  # the deployments belong to the Serve application
+
+    def _per_shard(self, method: str, batch: Any, top_k: int, filter: Filter | None,
+                   **kwargs: Any) -> list[list[list[Hit]]]:
+        """Every shard deployment asked at once (search breadth options are the shards' own)."""
+        calls = [getattr(h, method).remote(batch, top_k, filter) for h in self.handles]
+        return [call.result() for call in calls]

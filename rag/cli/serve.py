@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 
@@ -28,6 +28,8 @@ def serve(
     ray: Annotated[str | None, typer.Option(
         help="serve as a Ray Serve application: 'local' (a cluster of this machine), 'auto' or HOST:PORT")] = None,
     replicas: Annotated[int, typer.Option(min=1, help="with --ray: replicas of the service")] = 1,
+    shard_replicas: Annotated[int, typer.Option(
+        min=1, help="with --ray: replicas of each shard's search deployment (sharded indexes)")] = 1,
 ) -> None:
     """Serve one or more pipelines over an OpenAI-compatible HTTP API and a playground page at /
     (RAG_API_KEY enables auth); with --ray, as replicas on a Ray cluster."""
@@ -36,18 +38,17 @@ def serve(
     from rag.settings import get_settings
 
     limits = ServiceLimits(max_inflight=max_inflight, timeout_s=timeout)
+    common: dict[str, Any] = {"api_key": get_settings().api_key, "limits": limits, "private_probes": private_probes}
     if ray is not None:
         from rag.config import DEFAULT_PIPELINE
         from rag.server.ray_serve import replica_spec, serve_on_ray
 
-        spec = replica_spec(pipeline_files(pipeline or [DEFAULT_PIPELINE]), index, api_key=get_settings().api_key,
-                            limits=limits, runs_dir=str(runs.resolve()) if runs else None,
-                            private_probes=private_probes)
+        spec = replica_spec(pipeline_files(pipeline or [DEFAULT_PIPELINE]), index,
+                            runs_dir=str(runs.resolve()) if runs else None, **common)
         typer.echo(f"serving on Ray ({ray}, {replicas} replica(s)) at http://{host}:{port}/v1", err=True)
-        serve_on_ray(spec, address=ray, host=host, port=port, replicas=replicas)
+        serve_on_ray(spec, address=ray, host=host, port=port, replicas=replicas, shard_replicas=shard_replicas)
         return
     with open_pipelines(pipeline or [], index) as pipes:
         names = ", ".join(p.info().name for p in pipes)
         typer.echo(f"serving {names} on http://{host}:{port}/v1 (playground: http://{host}:{port}/)", err=True)
-        run_server(pipes, host=host, port=port, api_key=get_settings().api_key, private_probes=private_probes,
-                   limits=limits, runs_dir=runs)
+        run_server(pipes, host=host, port=port, runs_dir=runs, **common)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -53,14 +53,17 @@ def build_pipeline(config: PipelineConfig, *, index: str | Path | None = None,
 
 
 def build_pipelines(configs: Sequence[PipelineConfig], *, index: str | Path | None = None,
-                    follow: bool = True) -> list[Pipeline]:
+                    follow: bool = True,
+                    retriever_for: Callable[[PipelineConfig], Retriever | None] | None = None) -> list[Pipeline]:
     """Several pipelines (one server's): those whose ``generator`` settings are equal share one
-    generator object, so one engine, one model load."""
+    generator object, so one engine, one model load. ``retriever_for``: a retriever made
+    elsewhere for a config (Ray shard deployments), or None to open its index here."""
     shared: dict[str, Generator] = {}
     out: list[Pipeline] = []
     for config in configs:
         key = None if isinstance(config, RetrievalPipelineConfig) else config.generator.model_dump_json()
-        pipe = build_pipeline(config, index=index, generator=shared.get(key) if key else None, follow=follow)
+        pipe = build_pipeline(config, index=index, generator=shared.get(key) if key else None, follow=follow,
+                              retriever=retriever_for(config) if retriever_for else None)
         if key is not None and pipe.generator is not None:
             shared.setdefault(key, pipe.generator)
         out.append(pipe)

@@ -5,8 +5,9 @@ One ingress deployment (``rag``) with ``replicas`` replicas; each replica builds
 from their files when it starts (its generator inside it, or remote with ``backend: openai``)
 and serves the app through Serve's ASGI ingress. Serve's proxy on ``host:port`` spreads requests
 over the replicas (at most ``limits.max_inflight`` at once on each) and its controller replaces
-a replica whose process dies, while the others keep answering. A sharded index folder is
-searched inside each replica (`rag.sharded`).
+a replica whose process dies, while the others keep answering. Each shard of a sharded index
+folder is a deployment of its own (`rag.sharded.ShardSearch`, ``shard_replicas`` replicas) that
+the service's replicas fan a query out to, so no process holds the whole index.
 
 The driver (the ``rag serve --ray`` process) deploys the application and waits; SIGTERM or
 Ctrl-C deletes what it deployed (`serve.shutdown`: replicas, proxy, controller) and, when it
@@ -15,6 +16,7 @@ started the Ray cluster itself (``--ray local``), stops the cluster's processes 
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import signal
 import threading
@@ -28,15 +30,7 @@ from rag.server.protocol import ServiceLimits
 
 log = logging.getLogger(__name__)
 APP_NAME = "rag"
-
-
-def replica_spec(files: list[Path], index: Path | None, **kw: Any) -> ReplicaSpec:
-    """The spec of ``files`` (read and checked here, before anything is deployed)."""
-    from rag.config import load_pipeline_config
-
-    configs = [load_pipeline_config(f) for f in files]
-    configs = [c.model_copy(update={"index": str(Path(c.index).resolve())}) if c.index else c for c in configs]
-    return ReplicaSpec(configs, str(index.resolve()) if index else None, **kw)
+SHARD_CPUS = 0.5  # a shard replica mostly waits on memory-bound FAISS scans; the service's replicas take 1
 
 
 @dataclass(frozen=True)
@@ -53,13 +47,35 @@ class ReplicaSpec:
     private_probes: bool = False
 
 
-def build_replica_app(spec: ReplicaSpec) -> Any:
-    """The app of one replica: its own pipelines, loaded before it takes requests, closed when
-    Serve stops it."""
-    from rag.pipeline import build_pipelines
-    from rag.server.app import create_app
+def replica_spec(files: list[Path], index: Path | None, **kw: Any) -> ReplicaSpec:
+    """The spec of ``files`` (read and checked here, before anything is deployed)."""
+    from rag.config import load_pipeline_config
 
-    pipes = build_pipelines(spec.pipelines, index=spec.index)
+    configs = [load_pipeline_config(f) for f in files]
+    configs = [c.model_copy(update={"index": str(Path(c.index).resolve())}) if c.index else c for c in configs]
+    return ReplicaSpec(configs, str(index.resolve()) if index else None, **kw)
+
+
+def _folder(spec: ReplicaSpec, config: PipelineConfig) -> str | None:
+    return None if config.retrieval.mode == "none" else (spec.index or config.index)
+
+
+def build_replica_app(spec: ReplicaSpec, shards: dict[str, list[Any]] | None = None) -> Any:
+    """The app of one replica: its own pipelines, loaded before it takes requests, closed when
+    Serve stops it. ``shards``: per sharded index folder, the handles of its shard deployments."""
+    from rag.pipeline import build_pipelines
+    from rag.retriever import Retriever
+    from rag.server.app import create_app
+    from rag.sharded import RemoteShards
+
+    def retriever_for(config: PipelineConfig) -> Retriever | None:
+        folder = _folder(spec, config)
+        if not shards or folder not in shards:
+            return None
+        return RemoteShards.of(folder, shards[folder], config.retrieval.mode,  # type: ignore[arg-type]
+                               fusion=config.retrieval.fusion.model_dump())
+
+    pipes = build_pipelines(spec.pipelines, index=spec.index, retriever_for=retriever_for)
     for p in pipes:
         p.load()
     return create_app(pipes, api_key=spec.api_key, limits=spec.limits, private_probes=spec.private_probes,
@@ -75,24 +91,45 @@ def _import_serve() -> tuple[Any, Any]:
     return ray, serve
 
 
-def deploy(spec: ReplicaSpec, *, host: str, port: int, replicas: int) -> Any:
+def _shard_deployments(serve: Any, spec: ReplicaSpec, replicas: int) -> dict[str, list[Any]]:
+    """Per sharded index folder the pipelines search: one bound `ShardSearch` deployment per
+    shard (BM25 statistics of the whole folder computed here, where the shards are read)."""
+    from functools import reduce
+
+    from rag.index.shards import is_sharded, shard_folders
+    from rag.retriever import bm25_stats
+    from rag.sharded import ShardSearch
+
+    out: dict[str, list[Any]] = {}
+    for n, folder in enumerate(sorted({f for c in spec.pipelines if (f := _folder(spec, c)) and is_sharded(f)})):
+        lexical = any(_folder(spec, c) == folder and c.retrieval.mode in ("bm25", "hybrid") for c in spec.pipelines)
+        parts = shard_folders(folder)
+        stats = reduce(lambda a, b: a + b, (bm25_stats(f) for f in parts)) if lexical else None
+        out[folder] = [serve.deployment(ShardSearch, name=f"index{n}-shard{i}", num_replicas=replicas,
+                                        ray_actor_options={"num_cpus": SHARD_CPUS}).bind(str(f), stats)
+                       for i, f in enumerate(parts)]
+    return out
+
+
+def deploy(spec: ReplicaSpec, *, host: str, port: int, replicas: int, shard_replicas: int = 1) -> Any:
     """Deploy the application on the connected cluster; returns its handle."""
     _, serve = _import_serve()
 
     @serve.ingress()
     class RagIngress:
-        def __init__(self, spec: ReplicaSpec):
-            self.spec = spec
+        def __init__(self, spec: ReplicaSpec, shards: dict[str, list[Any]]):
+            self.spec, self.shards = spec, shards
 
-        def __serve_build_asgi_app__(self) -> Any:
-            return build_replica_app(self.spec)
+        async def __serve_build_asgi_app__(self) -> Any:  # off the replica's loop: shard calls block
+            return await asyncio.to_thread(build_replica_app, self.spec, self.shards)
 
     deployment = serve.deployment(
         RagIngress, name=APP_NAME, num_replicas=replicas, max_ongoing_requests=spec.limits.max_inflight,
         health_check_period_s=2, health_check_timeout_s=30, graceful_shutdown_timeout_s=5,
         graceful_shutdown_wait_loop_s=1)
     serve.start(http_options={"host": host, "port": port}, detached=False)
-    return serve.run(deployment.bind(spec), name=APP_NAME, route_prefix="/", blocking=False)
+    shards = _shard_deployments(serve, spec, shard_replicas)
+    return serve.run(deployment.bind(spec, shards), name=APP_NAME, route_prefix="/", blocking=False)
 
 
 def connect(address: str) -> bool:
@@ -110,7 +147,7 @@ def connect(address: str) -> bool:
 
 
 def serve_on_ray(spec: ReplicaSpec, *, address: str, host: str = "127.0.0.1", port: int = 8000,
-                 replicas: int = 1) -> None:
+                 replicas: int = 1, shard_replicas: int = 1) -> None:
     """Deploy, wait for SIGTERM or Ctrl-C, then delete what was deployed (blocking)."""
     ray, serve = _import_serve()
     if replicas < 1:
@@ -120,7 +157,7 @@ def serve_on_ray(spec: ReplicaSpec, *, address: str, host: str = "127.0.0.1", po
         signal.signal(sig, lambda *_: stop.set())
     started = connect(address)
     try:
-        deploy(spec, host=host, port=port, replicas=replicas)
+        deploy(spec, host=host, port=port, replicas=replicas, shard_replicas=shard_replicas)
         log.warning("serving on http://%s:%d/v1 with %d replica(s) on Ray", host, port, replicas)
         while not stop.wait(0.5):
             pass
