@@ -5,7 +5,7 @@ likelihood, same model) over the top 20 of each, each through the pipeline's own
 ``conversation_hits`` (the path ``rag chat``, ``rag eval`` and the server use).
 
     .venv/bin/python benchmarks/conversational_retrieval.py [--data DIR] [--mode dense] [--limit N]
-        [--skip-llm] [--later-turns]
+        [--skip-llm] [--later-turns] [--rows NAME-PART ...]
 
 Builds the set's ``corpus.jsonl`` into an index under runs/ once (packaged MiniLM). Prints one
 row per strategy and the gain over last_turn.
@@ -61,6 +61,7 @@ def main() -> None:
     ap.add_argument("--mode", default="dense", choices=["dense", "bm25", "hybrid"])
     ap.add_argument("--limit", type=int, default=None)
     ap.add_argument("--skip-llm", action="store_true", help="only the strategies without a model call")
+    ap.add_argument("--rows", nargs="+", default=None, help="only the model-call rows whose names contain one of these")
     ap.add_argument("--later-turns", action="store_true", help="only turns after the first (follow-up and "
                     "clarification: the issue's 237 MTRAG-public turns)")
     args = ap.parse_args()
@@ -85,6 +86,8 @@ def main() -> None:
         gen = load_generator("vllm", "smollm2-135m-instruct", dtype="float32", max_model_len=2048).load()
         try:
             for name, r in LLM.items():
+                if args.rows and not any(part in name for part in args.rows):
+                    continue
                 config = pipeline_config(name="b", prompt={"format": "hf_template"},
                                          retrieval={"mode": args.mode, "top_k": DEPTH, **r})
                 results[name] = measure(ChatRagPipeline(config, gen, retriever), items)  # type: ignore[arg-type]

@@ -10,9 +10,9 @@ and of `rag`'s rerankers over it, through the pipeline's own ``conversation_hits
   ratio of their times.
 
     .venv/bin/python benchmarks/rerank.py [--sets scifact squad] [--limit N] [--candidates 20]
-        [--cross-encoder DIR]
+        [--weights 1.0 0.5] [--cross-encoder DIR] [--skip-llm]
 
-Builds ``indexes/scifact`` and ``indexes/squad-dev`` from their recipes when missing.
+Builds ``indexes/scifact`` and ``indexes/squad-dev`` from their recipes (skipped when built).
 """
 
 from __future__ import annotations
@@ -71,8 +71,7 @@ def run_set(name: str, args: argparse.Namespace, gen: Any) -> list[list[Any]]:
     recipe_path, data, default_limit = SETS[name]
     recipe = load_recipe(ROOT / recipe_path)
     folder = ROOT / "indexes" / recipe.name
-    if not folder.exists():
-        build_index(recipe.model_copy(update={"out": str(folder)}), progress=False)
+    build_index(recipe.model_copy(update={"out": str(folder)}), progress=False)  # skipped when built, resumed if cut
     items = [it for it in load_dataset(data) if it.gold_ids][: args.limit or default_limit]
     retriever = open_retriever(folder, "dense")
     c = args.candidates
@@ -85,7 +84,8 @@ def run_set(name: str, args: argparse.Namespace, gen: Any) -> list[list[Any]]:
     first, ms = through_pipeline(first_stage, items)
     rows.append([name, f"dense top {c} (first stage)", ndcg(items, [h[:10] for h in first]), ms])
     if gen is not None:
-        for label, weight in ((f"LLM rerank of {c} (SmolLM2)", 1.0), (f"LLM rerank of {c}, weight 0.5", 0.5)):
+        for weight in args.weights:
+            label = f"LLM rerank of {c} (SmolLM2)" + (f", weight {weight:g}" if weight < 1 else "")
             pipe = ChatRagPipeline(pipeline_config(name="l", prompt={"format": "hf_template"}, retrieval=rerank(
                 method="llm", model="generator", weight=weight)), gen, retriever)
             hits, ms = through_pipeline(pipe, items)
@@ -112,6 +112,7 @@ def main() -> None:
     ap.add_argument("--candidates", type=int, default=20)
     ap.add_argument("--cross-encoder", type=Path, default=None, help="a local cross-encoder model folder")
     ap.add_argument("--skip-llm", action="store_true")
+    ap.add_argument("--weights", type=float, nargs="+", default=[1.0, 0.5], help="LLM reranker weights to run")
     args = ap.parse_args()
     from rag.generation import load_generator
 
