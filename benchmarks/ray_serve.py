@@ -63,7 +63,7 @@ def fan_out(tmp: Path) -> list[list[object]]:
     from rag.index.shards import shard_index
     from rag.retriever import open_retriever, query_embedder
 
-    docs = (SHARED / "beir-scifact" / "corpus.jsonl").read_text().splitlines()[:2000]
+    docs = (SHARED / "beir-scifact" / "corpus.jsonl").read_text().splitlines()[:1000]
     (tmp / "c.jsonl").write_text("\n".join(docs) + "\n")
     build_index(IndexRecipe(name="c", corpus=str(tmp / "c.jsonl"), format="beir", out=str(tmp / "idx")),
                 progress=False)
