@@ -14,6 +14,7 @@ the merged dense and BM25 rankings as for one folder.
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Sequence
 from functools import reduce
 from pathlib import Path
@@ -109,7 +110,8 @@ class ShardSearch:
 
     def __init__(self, folder: str, stats: BM25Stats | None = None):
         self.folder, self.stats = Path(folder), stats
-        self._parts: dict[str, DenseRetriever | BM25Retriever] = {}
+        self._parts: dict[str, DenseRetriever | BM25Retriever] = {}  # guarded by _lock
+        self._lock = threading.Lock()  # one search at a time, so a reopen never closes a part in use
 
     def _part(self, mode: str) -> Any:
         part = self._parts.get(mode)
@@ -123,10 +125,12 @@ class ShardSearch:
         return part
 
     def search_vectors(self, vectors: Any, top_k: int, filter: Filter | None = None) -> list[list[Hit]]:
-        return self._part("dense").search_vectors(vectors, top_k, filter=filter)  # type: ignore[no-any-return]
+        with self._lock:
+            return self._part("dense").search_vectors(vectors, top_k, filter=filter)  # type: ignore[no-any-return]
 
     def search_batch(self, queries: list[str], top_k: int, filter: Filter | None = None) -> list[list[Hit]]:
-        return self._part("bm25").search_batch(queries, top_k, filter=filter)  # type: ignore[no-any-return]
+        with self._lock:
+            return self._part("bm25").search_batch(queries, top_k, filter=filter)  # type: ignore[no-any-return]
 
 
 class RemoteShards(ShardedRetriever):

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 
@@ -74,9 +74,6 @@ def query(
     rewrite and hyde) and, when the file has retrieval.rerank, its candidates and weight or no
     reranking, on held-out turns; record the choice in the pipeline file."""
     from rag.config import load_pipeline_config, update_pipeline_file
-    from rag.eval.datasets import load_dataset
-    from rag.eval.query import tune_query
-    from rag.pipeline import BasePipeline, build_pipeline
 
     config = load_pipeline_config(pipeline)
     if (index or config.index) is None or config.retrieval.mode == "none":
@@ -84,15 +81,7 @@ def query(
     if llm and config.kind != "chat":
         raise ConfigError(f"--llm needs a chat pipeline (its generator writes the rewrites); {pipeline} is "
                           f"kind: {config.kind}")
-    pipe = build_pipeline(config, index=index, follow=False)
-    assert isinstance(pipe, BasePipeline)
-    try:
-        if llm or config.retrieval.rerank is not None:
-            pipe.load()
-        result = tune_query(load_dataset(data, limit=limit), pipe, measure=measure, held_out=held_out, seed=seed,
-                            llm=llm)
-    finally:
-        pipe.close()
+    result = _tune_query(config, data, index, limit=limit, measure=measure, held_out=held_out, seed=seed, llm=llm)
     held = ", ".join(f"{k} {v:.4f}" for k, v in result["held_out"].items())
     typer.echo(f"{measure} on {result['held_out_queries']} held-out turns (tuned on {result['tune_queries']}): {held}")
     chosen = dict(result["query"])
@@ -105,6 +94,24 @@ def query(
     note = (f"# rag tune query --data {data}: held-out {measure} ({result['held_out_queries']} turns, seed {seed}): "
             f"{held}")
     typer.echo(f"written: {update_pipeline_file(pipeline, 'retrieval', chosen, note, out=out)}")
+
+
+def _tune_query(config: Any, data: Path, index: Path | None, *, llm: bool, limit: int | None,
+                **how: Any) -> dict[str, Any]:
+    """`rag.eval.query.tune_query` with the pipeline the config names (its generator loaded when
+    it writes rewrites or reranks), closed afterwards."""
+    from rag.eval.datasets import load_dataset
+    from rag.eval.query import tune_query
+    from rag.pipeline import BasePipeline, build_pipeline
+
+    pipe = build_pipeline(config, index=index, follow=False)
+    assert isinstance(pipe, BasePipeline)
+    try:
+        if llm or config.retrieval.rerank is not None:
+            pipe.load()
+        return tune_query(load_dataset(data, limit=limit), pipe, llm=llm, **how)
+    finally:
+        pipe.close()
 
 
 @app.command("critic")
