@@ -88,7 +88,8 @@ def query(
     if config.retrieval.rerank is not None:
         rerank = result["rerank"]
         chosen["rerank"] = None if rerank is None else {**config.retrieval.rerank.model_dump(), **rerank}
-    typer.echo(f"chosen: {json.dumps(chosen)}")
+    typer.echo(f"chosen: {json.dumps(chosen)} (per-turn gain over last_turn on the tuning turns, less one "
+               f"standard error: {result['gain_bound']:+.4f})")
     if result["held_out"]["tuned"] < result["held_out"]["last_turn"]:
         typer.echo("note: the choice loses to last_turn on the held-out turns; consider keeping last_turn", err=True)
     note = (f"# rag tune query --data {data}: held-out {measure} ({result['held_out_queries']} turns, seed {seed}): "

@@ -162,7 +162,10 @@ def test_tune_query_chooses_rerank_settings_that_the_pipeline_then_runs(cross_en
                              memory_retriever(PASSAGES))
     result = tune_query(items, pipe, held_out=0.5, seed=2, depth=6)
     assert len(result["rerank_grid"]) == 1 + len(CANDIDATES) * len(RERANK_WEIGHTS)
-    assert result["tune_score"] == max(g["score"] for g in result["rerank_grid"])
+    chosen_row = next(g for g in result["rerank_grid"] if g["rerank"] == result["rerank"])
+    best = max(g["gain_bound"] for g in result["rerank_grid"])
+    assert result["rerank_gain_bound"] == chosen_row["gain_bound"] == best
+    assert result["tune_score"] == chosen_row["score"] and result["rerank_grid"][0]["gain_bound"] == 0.0  # no rerank
     tune_items, held = split(items, 0.5, 2)
 
     def run(settings: dict[str, Any], group: list[Any]) -> float:  # the pipeline with these settings

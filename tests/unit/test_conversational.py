@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import statistics
 from pathlib import Path
 from typing import Any
 
@@ -13,7 +14,7 @@ import pytest
 
 from rag.config import pipeline_config
 from rag.errors import ConfigError, CorpusError
-from rag.eval.datasets import detect_format, load_dataset
+from rag.eval.datasets import EvalItem, detect_format, load_dataset
 from rag.eval.metrics import f1, rouge_l
 from rag.generation.scripted import ScriptedGenerator, text_generation
 from rag.pipeline import ChatRagPipeline, RetrievalPipeline
@@ -168,18 +169,37 @@ def test_tune_query_picks_on_the_tuning_half_and_reports_held_out(tmp_path: Path
     result = tune_query(items, pipe, held_out=0.5, seed=3, depth=4)
     tune_items, held = split(items, 0.5, 3)
     assert (result["tune_queries"], result["held_out_queries"]) == (len(tune_items), len(held))
-    assert result["tune_score"] == max(g["score"] for g in result["grid"])
+    assert result["gain_bound"] == max(g["gain_bound"] for g in result["grid"])  # chosen by the bound
     assert {g["query"] for g in result["grid"]} == {"last_turn", "history"}  # no generator calls without llm
     assert result["query"]["query"] == "history"  # the previous answer names the passage
-    last = {it.id: [(h.passage.id, -n) for n, h in enumerate(retriever.search(it.question, 4))] for it in held}
+    last = {it.id: [(h.passage.id, -n) for n, h in enumerate(retriever.search(it.question, 4))] for it in items}
     assert result["held_out"]["last_turn"] == pytest.approx(_score(held, last, "ndcg@10"))
     assert result["held_out"]["tuned"] > result["held_out"]["last_turn"]
     # what was tuned is what the pipeline runs: the choice's held-out score from conversation_hits
     chosen = RetrievalPipeline(pipeline_config(name="c", kind="retrieval", retrieval={"top_k": 4, **result["query"]}),
                                retriever)
-    hits, _ = asyncio.run(chosen.conversation_hits([it.messages or [] for it in held], 4))
-    ran = {it.id: [(h.passage.id, -n) for n, h in enumerate(hs)] for it, hs in zip(held, hits, strict=True)}
+    hits, _ = asyncio.run(chosen.conversation_hits([it.messages or [] for it in items], 4))
+    ran = {it.id: [(h.passage.id, -n) for n, h in enumerate(hs)] for it, hs in zip(items, hits, strict=True)}
     assert result["held_out"]["tuned"] == pytest.approx(_score(held, ran, "ndcg@10"))
+    # the bound by hand: mean per-turn gain over last_turn on the tuning half, less one standard error
+    gains = [_score([it], ran, "ndcg@10") - _score([it], last, "ndcg@10") for it in tune_items]
+    want = statistics.fmean(gains) - statistics.stdev(gains) / len(gains) ** 0.5
+    assert result["gain_bound"] == pytest.approx(want) and 0 < want < statistics.fmean(gains)
+    assert result["tune_score"] == pytest.approx(_score(tune_items, ran, "ndcg@10"))
+
+
+def test_gain_bound_prefers_a_steady_gain_to_a_larger_swinging_one() -> None:
+    from rag.eval.query import gain_bound
+
+    turns = [EvalItem(id=f"t{i}", question="q") for i in range(6)]
+    base = dict.fromkeys((it.id for it in turns), 0.5)
+    steady = dict.fromkeys(base, 0.6)  # +0.1 on every turn
+    swinging = dict(zip(base, [1.0, 1.0, 1.0, 0.2, 0.2, 0.3], strict=True))  # mean gain +0.117
+    assert gain_bound(steady, base, turns) == pytest.approx(0.1)
+    gains = [0.5, 0.5, 0.5, -0.3, -0.3, -0.2]
+    want = statistics.fmean(gains) - statistics.stdev(gains) / 6**0.5
+    assert gain_bound(swinging, base, turns) == pytest.approx(want)
+    assert gain_bound(swinging, base, turns) < 0 < gain_bound(steady, base, turns)
 
 
 def test_tune_query_with_llm_tries_rewrite_and_hyde_written_once_per_turn(tmp_path: Path) -> None:
