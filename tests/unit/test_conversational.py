@@ -226,6 +226,30 @@ def test_tune_query_with_llm_tries_rewrite_and_hyde_written_once_per_turn(tmp_pa
     assert result["query"]["query"] in ("rewrite", "hyde") and result["held_out"]["tuned"] == pytest.approx(1.0)
 
 
+def test_the_packaged_default_pipeline_searches_a_follow_up_with_the_previous_answer(tmp_path: Path) -> None:
+    """``rag chat``, ``rag serve`` and the playground without -p: a follow-up is searched with the
+    answer before it too (history), a first turn once, as itself."""
+    from rag.config import DEFAULT_PIPELINE, IndexRecipe, load_pipeline_config
+    from rag.index import build_index
+    from rag.pipeline import ChatRagPipeline, build_pipeline
+
+    corpus = tmp_path / "people.jsonl"
+    corpus.write_text("".join(json.dumps({"id": p.id, "title": p.title, "text": p.text}) + "\n" for p in PASSAGES))
+    build_index(IndexRecipe(name="p", corpus=str(corpus), out=str(tmp_path / "idx"), embedder="hash:64"),
+                progress=False)
+    pipe = build_pipeline(load_pipeline_config(DEFAULT_PIPELINE), index=tmp_path / "idx", generator=ScriptedGenerator())
+    assert isinstance(pipe, ChatRagPipeline)
+    first, follow_up = [TURNS[0]["messages"], TURNS[1]["messages"]]
+    hits, queries = asyncio.run(pipe.conversation_hits([[ChatMessage(**m) for m in c] for c in (first, follow_up)], 3))
+    joined = history_query([ChatMessage(**m) for m in follow_up], 1)
+    assert queries == ["who was viceroy during quit india", f"when did his term end? || {joined}"]
+    assert "Lord Linlithgow was the Viceroy." in joined
+    last, prev = (pipe.retriever.search(q, 20) for q in ("when did his term end?", joined))  # fused: 20 deep
+    fused = fuse(last, prev, method="rrf", dense_weight=0.8)[:3]
+    assert [h.passage.id for h in hits[1]] == [pid for pid, _ in fused]
+    pipe.close()
+
+
 def test_rag_tune_query_writes_the_choice_into_the_pipeline_file(tmp_path: Path) -> None:
     from typer.testing import CliRunner
 
