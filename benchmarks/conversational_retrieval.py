@@ -66,7 +66,7 @@ def rewrites(data: Path, items: list[Any]) -> list[Any]:
         r["id"]: r.get("rewrite_auto") for r in map(json.loads, path.read_text(encoding="utf-8").splitlines())}
     if not items or not all(auto.get(it.id) for it in items):
         return []
-    from rag.eval.datasets import ChatMessage
+    from rag.types import ChatMessage
 
     return [it.model_copy(update={"messages": [ChatMessage(role="user", content=auto[it.id])]}) for it in items]
 
