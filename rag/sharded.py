@@ -43,6 +43,11 @@ def merge(parts: Sequence[Sequence[Hit]], k: int) -> list[Hit]:
     return [h.model_copy(update={"rank": i + 1}) for i, h in enumerate(best)]
 
 
+def corpus_stats(folder: str | Path) -> BM25Stats:
+    """BM25 statistics of every passage of a sharded ``folder``: its shards' summed."""
+    return reduce(lambda a, b: a + b, (bm25_stats(f) for f in shard_folders(folder)))
+
+
 class ShardedRetriever(_Base):
     """One mode (dense or BM25) over every shard of a sharded folder."""
 
@@ -60,7 +65,7 @@ class ShardedRetriever(_Base):
             return HybridRetriever(dense, cls.open(folder, "bm25"), **(fusion or {}))  # type: ignore[arg-type]
         parts: list[DenseRetriever | BM25Retriever] = []
         if mode == "bm25":
-            corpus = reduce(lambda a, b: a + b, (bm25_stats(f) for f in folders))
+            corpus = corpus_stats(folder)
             parts = [BM25Retriever(f, corpus=corpus) for f in folders]
             return cls(folder, parts, mode)
         for f in folders:
@@ -101,6 +106,7 @@ class ShardedRetriever(_Base):
             return self.search_vectors(self.embedder.encode_queries(list(queries)), top_k, filter=filter, **kwargs)
         per = self._per_shard("search_batch", list(queries), top_k, filter)
         return [merge([hits[q] for hits in per], top_k) for q in range(len(queries))]
+
 
 class ShardSearch:
     """One shard of a sharded folder, searched where it is deployed (a Ray Serve deployment per

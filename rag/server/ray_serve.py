@@ -94,17 +94,14 @@ def _import_serve() -> tuple[Any, Any]:
 def _shard_deployments(serve: Any, spec: ReplicaSpec, replicas: int) -> dict[str, list[Any]]:
     """Per sharded index folder the pipelines search: one bound `ShardSearch` deployment per
     shard (BM25 statistics of the whole folder computed here, where the shards are read)."""
-    from functools import reduce
-
     from rag.index.shards import is_sharded, shard_folders
-    from rag.retriever import bm25_stats
-    from rag.sharded import ShardSearch
+    from rag.sharded import ShardSearch, corpus_stats
 
     out: dict[str, list[Any]] = {}
     for n, folder in enumerate(sorted({f for c in spec.pipelines if (f := _folder(spec, c)) and is_sharded(f)})):
         lexical = any(_folder(spec, c) == folder and c.retrieval.mode in ("bm25", "hybrid") for c in spec.pipelines)
         parts = shard_folders(folder)
-        stats = reduce(lambda a, b: a + b, (bm25_stats(f) for f in parts)) if lexical else None
+        stats = corpus_stats(folder) if lexical else None
         out[folder] = [serve.deployment(ShardSearch, name=f"index{n}-shard{i}", num_replicas=replicas,
                                         ray_actor_options={"num_cpus": SHARD_CPUS}).bind(str(f), stats)
                        for i, f in enumerate(parts)]
